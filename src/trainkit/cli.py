@@ -1,0 +1,140 @@
+"""The ``trainkit`` command line (also ``python -m trainkit``).
+
+Every flag of ``trainkit train`` maps to a ``TrainConfig`` field. Precedence: defaults,
+then ``--config FILE`` (TOML/YAML/JSON), then the flags given. Any user mistake exits
+with status 2 and one line naming the problem; a traceback means a trainkit bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from trainkit import __version__
+from trainkit.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig, config_from_dict, load_config_file
+from trainkit.errors import NonFiniteLossError, TrainkitError
+
+EXIT_USAGE = 2
+EXIT_NONFINITE = 3
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but errors are a single line instead of usage + message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def optional_positive(text: str) -> float | None:
+    """'0' or 'none' turns a clipping threshold off."""
+    if text.lower() in ("0", "none", "off"):
+        return None
+    return float(text)
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags default to SUPPRESS so only those the user typed override the config file."""
+    add = parser.add_argument
+    add("--config", help="TOML/YAML/JSON file of settings; flags override it")
+    add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    group = parser.add_argument_group("settings (defaults: the production MNIST recipe)")
+    flag = lambda name, **kw: group.add_argument(name, default=argparse.SUPPRESS, **kw)  # noqa: E731
+    flag("--dataset", help="mnist, fashion-mnist or synthetic (default mnist)")
+    flag("--data-dir", help="folder with the IDX files (default: $TRAINKIT_DATA_DIR, then the cache, then download)")
+    flag("--val-size", type=int, help="training images held out for validation (default 5000)")
+    flag("--augment", dest="augment_shift", type=int, help="random shifts of up to N pixels (default: 0 MLP, 2 CNN)")
+    flag("--model", help="mlp, residual_mlp or cnn (default mlp: 784-256-128-10)")
+    flag("--hidden", type=int_list, help="MLP hidden widths, comma separated (default 256,128)")
+    flag("--norm", help="batch, layer, group or none (default batch)")
+    flag("--dropout", type=float, help="dropout rate (default 0.3)")
+    flag("--activation", help="relu, gelu, silu, tanh, ... (default relu)")
+    flag("--init", help="he, xavier, lecun, orthogonal, gpt, auto, default, ... (default he)")
+    flag("--optimizer", choices=OPTIMIZERS, help="(default adamw)")
+    flag("--lr", type=float, help="peak learning rate (default 1e-3)")
+    flag("--weight-decay", type=float, help="decoupled weight decay on weights only (default 0.01)")
+    flag("--momentum", type=float, help="SGD momentum (default 0.9)")
+    flag("--batch-size", type=int, help="(default 128)")
+    flag("--epochs", type=int, help="maximum epochs; early stopping may end sooner (default: 20 MLP, 12 CNN)")
+    flag("--schedule", choices=SCHEDULES, help="(default warmup_cosine)")
+    flag("--warmup", type=float, help="epochs of linear warmup for warmup_cosine (default 1)")
+    flag("--clip-norm", type=optional_positive, help="clip the gradient norm; 0 = off (default 1.0)")
+    flag("--clip-value", type=optional_positive, help="clip each gradient element; 0 = off (default off)")
+    flag("--accumulate", type=int, help="micro-batches per optimizer step (default 1)")
+    flag("--precision", choices=PRECISIONS, help="fp32, bf16 (CPU/CUDA) or fp16 (CUDA) (default fp32)")
+    flag("--patience", type=int, help="early-stopping patience in epochs; 0 = off (default 5)")
+    flag("--min-delta", type=float, help="smallest change that counts as improvement (default 0)")
+    flag("--monitor", help="history metric for early stopping and best checkpoint (default val_loss)")
+    flag("--monitor-mode", choices=("min", "max"), help="(default min)")
+    flag("--seed", type=int, help="(default 0)")
+    flag("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    flag("--out", help="output directory (default runs/<dataset>-<model>-<time>)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="trainkit", description="Train deep networks reliably and fast on PyTorch.")
+    parser.add_argument("--version", action="version", version=f"trainkit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    add_train_flags(commands.add_parser("train", help="train a model (default: the MNIST MLP recipe)"))
+    evaluate = commands.add_parser("evaluate", help="test accuracy of a checkpoint")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--device", default="auto")
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config file's settings overridden by the flags typed; also returns those flags."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    file_values = load_config_file(args.config) if args.config else {}
+    config = config_from_dict({**file_values, **flags}, source=args.config or "flags")
+    return config, flags
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from trainkit.run import resume_config, train_run
+
+    config, flags = train_config_from_args(args)
+    if args.resume:
+        if config.out is None:
+            raise TrainkitError("--resume needs --out DIR naming the run to continue")
+        config = resume_config(Path(config.out), flags)
+    summary = train_run(config, resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from trainkit.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
+    print(
+        f"{result['checkpoint']} (epoch {result['epoch']}): test accuracy {result['test_accuracy']:.4f}, "
+        f"test loss {result['test_loss']:.4f} on {result['test_samples']} images"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    handlers = {"train": run_train, "evaluate": run_evaluate}
+    try:
+        return handlers[args.command](args)
+    except NonFiniteLossError as exc:
+        print(f"trainkit {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except TrainkitError as exc:
+        print(f"trainkit {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"trainkit {args.command}: interrupted; the latest epoch checkpoint is intact", file=sys.stderr)
+        return 130

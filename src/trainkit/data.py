@@ -1,0 +1,778 @@
+"""Datasets: IDX files, where to find them, downloading, splits and device-side batches.
+
+Where the data comes from
+    ``find_dataset_dir`` looks, in order, in an explicit ``data_dir`` (``--data-dir``), in
+    ``$TRAINKIT_DATA_DIR/<name>/`` and in the cache ``default_cache_dir()/<name>/``; only the
+    cache is ever downloaded into. An explicit directory that lacks the files is an error
+    rather than a silent download, because the user asked for *that* directory.
+
+Checksums
+    Downloaded files are verified against the official md5 of each ``.gz``; a mismatch counts
+    as a failed attempt and the file never appears under its final name (downloads go to a
+    temporary file that is atomically renamed). Files in a local directory (``data_dir``,
+    ``$TRAINKIT_DATA_DIR`` or a pre-filled cache) are NOT md5-checked, only structurally
+    validated by ``read_idx``: a faithful re-creation such as the shared CI copy of MNIST's
+    ``train-images`` (pixels within 1/255 of the official ones, different checksum) must load
+    exactly as the official file does. Local files may be gzip-compressed (``*.gz``) or
+    plain (the same name without ``.gz``).
+
+Splits
+    The validation split is carved out of the training set with a seeded ``torch.randperm``
+    (same seed, same split); the official test set is never touched. Pixels are scaled to
+    [0, 1] and normalised with the mean/std of the training portion only, so validation and
+    test statistics do not leak into training.
+
+Synthetic data
+    ``"synthetic"`` needs no files: 4000 train + 1000 test 1x28x28 images, 10 classes, each a
+    fixed smooth class prototype (the same for every seed) plus per-image contrast jitter and
+    Gaussian pixel noise drawn from ``seed``. A small MLP reaches well over 90% in a couple of
+    epochs, but the noise keeps it from being trivially perfect. Its validation split is
+    ``min(val_size, 20% of its 4000 training images)`` so the default ``val_size=5000`` works.
+
+Batches
+    ``DeviceBatches`` slices mini-batches out of tensors that already live on the device (no
+    DataLoader workers, no per-sample Python). Each epoch's order comes from a generator seeded
+    by (seed, epoch) alone, so resuming at (epoch, batch) reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import math
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainkit.errors import ConfigError, DataError
+
+__all__ = [
+    "DATASET_NAMES",
+    "IDX_DATASETS",
+    "DatasetSplits",
+    "DeviceBatches",
+    "IdxDataset",
+    "RemoteFile",
+    "TensorSplit",
+    "default_cache_dir",
+    "download_file",
+    "find_dataset_dir",
+    "load_dataset",
+    "read_idx",
+    "shift_images",
+]
+
+DATASET_NAMES = ("mnist", "fashion-mnist", "synthetic")
+
+NUM_CLASSES = 10
+
+# ---------------------------------------------------------------------------------------------
+# IDX reading
+# ---------------------------------------------------------------------------------------------
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_IDX_UNSIGNED_BYTE = 0x08
+_IDX_TYPE_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "short",
+    0x0C: "int",
+    0x0D: "float",
+    0x0E: "double",
+}
+_IDX_MAX_DIMS = 4
+_REPLACE_HINT = (
+    "The file is damaged or not an IDX file: replace it with a fresh copy "
+    "(delete it from the trainkit cache and it is downloaded again)."
+)
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """Read an IDX file (gzip-compressed or raw) into a uint8 tensor of its stored shape.
+
+    Compression is detected from the gzip magic bytes, not the extension, so a decompressed
+    file that kept its ``.gz`` name still loads. Every structural problem is a ``DataError``
+    naming the file, because a half-read dataset silently trains on garbage.
+    """
+    path = Path(path)
+    payload = _decompress_if_gzip(path, _read_file_bytes(path))
+    dims, header_len = _parse_idx_header(path, payload)
+    _check_data_length(path, dims, len(payload) - header_len)
+    array = np.frombuffer(payload, dtype=np.uint8, offset=header_len).reshape(dims)
+    return torch.from_numpy(array.copy())  # copy: frombuffer over bytes is read-only
+
+
+def _read_file_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found.") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected an IDX file.") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc}).") from None
+
+
+def _decompress_if_gzip(path: Path, raw: bytes) -> bytes:
+    if not raw.startswith(_GZIP_MAGIC):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(
+            f"{path}: corrupt or truncated gzip stream ({exc}). {_REPLACE_HINT}"
+        ) from None
+
+
+def _parse_idx_header(path: Path, payload: bytes) -> tuple[tuple[int, ...], int]:
+    """Validate the big-endian IDX header; return (dims, header length in bytes)."""
+    if len(payload) < 4:
+        raise DataError(
+            f"{path}: IDX header too short: file has {len(payload)} bytes, "
+            f"the magic number alone needs 4. {_REPLACE_HINT}"
+        )
+    zero, type_code, ndim = payload[0:2], payload[2], payload[3]
+    if zero != b"\x00\x00":
+        magic = int.from_bytes(payload[0:4], "big")
+        raise DataError(f"{path}: wrong magic number 0x{magic:08X}, not an IDX file. {_REPLACE_HINT}")
+    if type_code != _IDX_UNSIGNED_BYTE:
+        kind = _IDX_TYPE_NAMES.get(type_code, "unknown")
+        raise DataError(
+            f"{path}: unsupported IDX type code 0x{type_code:02X} ({kind}); "
+            f"only 0x08 (unsigned byte) is supported."
+        )
+    if not 1 <= ndim <= _IDX_MAX_DIMS:
+        raise DataError(
+            f"{path}: IDX header declares {ndim} dimensions; expected 1 to {_IDX_MAX_DIMS}. "
+            f"{_REPLACE_HINT}"
+        )
+    header_len = 4 + 4 * ndim
+    if len(payload) < header_len:
+        raise DataError(
+            f"{path}: IDX header too short: {ndim} dimensions need a {header_len}-byte header, "
+            f"file has {len(payload)} bytes. {_REPLACE_HINT}"
+        )
+    dims = tuple(int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if 0 in dims:
+        raise DataError(f"{path}: IDX header has a zero-sized dimension {dims}. {_REPLACE_HINT}")
+    return dims, header_len
+
+
+def _check_data_length(path: Path, dims: tuple[int, ...], found: int) -> None:
+    expected = math.prod(dims)
+    if found < expected:
+        raise DataError(
+            f"{path}: truncated IDX file: shape {dims} expects {expected} data bytes, "
+            f"found {found}. {_REPLACE_HINT}"
+        )
+    if found > expected:
+        raise DataError(
+            f"{path}: {found - expected} trailing bytes after the data: shape {dims} expects "
+            f"{expected} data bytes, found {found}. {_REPLACE_HINT}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset registry
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One downloadable file and the official md5 of its bytes."""
+
+    name: str
+    md5: str
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """An MNIST-style dataset: four IDX files served by one or more mirrors."""
+
+    name: str
+    mirrors: tuple[str, ...]
+    train_images: RemoteFile
+    train_labels: RemoteFile
+    test_images: RemoteFile
+    test_labels: RemoteFile
+
+    @property
+    def files(self) -> tuple[RemoteFile, ...]:
+        return (self.train_images, self.train_labels, self.test_images, self.test_labels)
+
+    def urls(self, file: RemoteFile) -> list[str]:
+        return [mirror.rstrip("/") + "/" + file.name for mirror in self.mirrors]
+
+
+def _mnist_layout(name: str, mirrors: tuple[str, ...], md5s: tuple[str, str, str, str]) -> IdxDataset:
+    names = (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    )
+    files = [RemoteFile(n, m) for n, m in zip(names, md5s)]
+    return IdxDataset(name, mirrors, *files)
+
+
+IDX_DATASETS: dict[str, IdxDataset] = {
+    "mnist": _mnist_layout(
+        "mnist",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        (
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "d53e105ee54ea40749a09fcbcd1e9432",
+            "9fb629c4189551a2d022fa330f9573f3",
+            "ec29112dd5afa0611ce80d1b7f02629c",
+        ),
+    ),
+    "fashion-mnist": _mnist_layout(
+        "fashion-mnist",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        (
+            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "25c81989df183df01b3e8a0aad5dffbe",
+            "bef4ecab320f06d8554ea6380940ec79",
+            "bb300cfdad3c16e7a12a480ee83cd310",
+        ),
+    ),
+}
+
+
+def _check_dataset_name(name: str) -> None:
+    if name not in DATASET_NAMES:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}.")
+
+
+def _idx_dataset(name: str) -> IdxDataset:
+    _check_dataset_name(name)
+    if name not in IDX_DATASETS:
+        raise ConfigError(f"dataset {name!r} is generated in memory and has no files to find.")
+    return IDX_DATASETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and downloading files
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """Where downloads go: $TRAINKIT_CACHE_DIR, else $XDG_CACHE_HOME/trainkit, else ~/.cache/trainkit."""
+    explicit = os.environ.get("TRAINKIT_CACHE_DIR", "")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg:
+        return Path(xdg).expanduser() / "trainkit"
+    return Path.home() / ".cache" / "trainkit"
+
+
+def _local_copy(folder: Path, file: RemoteFile) -> Path | None:
+    """The file as stored in ``folder``: compressed under its own name, or decompressed without .gz."""
+    for candidate in (folder / file.name, folder / file.name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _missing_files(spec: IdxDataset, folder: Path) -> list[str]:
+    return [f.name for f in spec.files if _local_copy(folder, f) is None]
+
+
+def _placement_hint(spec: IdxDataset) -> str:
+    return (
+        f"Put {', '.join(f.name for f in spec.files)} (gzip-compressed or not) in "
+        f"{default_cache_dir() / spec.name}, or pass --data-dir DIR (a folder holding the files "
+        f"or a {spec.name}/ sub-folder), or set TRAINKIT_DATA_DIR to a folder holding {spec.name}/."
+    )
+
+
+def find_dataset_dir(
+    name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True
+) -> Path:
+    """Return the folder holding the dataset's four IDX files, downloading into the cache if needed.
+
+    Order: explicit ``data_dir`` (error if it lacks the files; never downloads),
+    ``$TRAINKIT_DATA_DIR/<name>``, then ``default_cache_dir()/<name>``.
+    """
+    spec = _idx_dataset(name)
+    if data_dir is not None and str(data_dir) != "":
+        return _dataset_dir_in_explicit(spec, Path(data_dir).expanduser())
+    env_dir = os.environ.get("TRAINKIT_DATA_DIR", "")
+    if env_dir:
+        candidate = Path(env_dir).expanduser() / spec.name
+        if not _missing_files(spec, candidate):
+            return candidate
+    cache = default_cache_dir() / spec.name
+    if not _missing_files(spec, cache):
+        return cache
+    if not download:
+        raise DataError(
+            f"{spec.name} files missing from the cache {cache} "
+            f"({', '.join(_missing_files(spec, cache))}) and downloading is disabled. "
+            f"They can be fetched from: {', '.join(spec.mirrors)}. {_placement_hint(spec)}"
+        )
+    _download_missing(spec, cache)
+    return cache
+
+
+def _dataset_dir_in_explicit(spec: IdxDataset, data_dir: Path) -> Path:
+    if not data_dir.is_dir():
+        raise DataError(
+            f"data directory {data_dir} does not exist (or is not a directory). "
+            f"Pass --data-dir a folder holding {spec.name}'s files or a {spec.name}/ sub-folder."
+        )
+    for candidate in (data_dir, data_dir / spec.name):
+        if not _missing_files(spec, candidate):
+            return candidate
+    raise DataError(
+        f"data directory {data_dir} lacks {spec.name}'s files: missing "
+        f"{', '.join(_missing_files(spec, data_dir))} (looked in {data_dir} and "
+        f"{data_dir / spec.name}). Put the four files in one of those folders, or drop "
+        f"--data-dir to use TRAINKIT_DATA_DIR or the download cache."
+    )
+
+
+def _download_missing(spec: IdxDataset, cache: Path) -> None:
+    for file in spec.files:
+        if _local_copy(cache, file) is not None:
+            continue
+        try:
+            download_file(spec.urls(file), cache / file.name, file.md5)
+        except DataError as exc:
+            raise DataError(f"could not download {spec.name}: {exc} {_placement_hint(spec)}") from None
+
+
+class _ChecksumMismatch(Exception):
+    pass
+
+
+def download_file(
+    urls: Sequence[str],
+    dest: Path,
+    md5: str,
+    *,
+    retries: int = 3,
+    timeout: float = 30.0,
+    backoff: float = 1.0,
+) -> Path:
+    """Download the first URL whose bytes match ``md5`` to ``dest``, atomically.
+
+    Each URL is tried up to ``retries`` times (sleeping ``backoff * attempt`` between tries).
+    Bytes stream into a temporary file next to ``dest`` that is renamed over it only after
+    the checksum matched, so ``dest`` is either absent or complete, even after a crash.
+    """
+    if not urls:
+        raise ConfigError("download_file needs at least one URL.")
+    if retries < 1:
+        raise ConfigError(f"retries must be >= 1, got {retries}.")
+    dest = Path(dest)
+    _make_dir(dest.parent)
+    last_errors: dict[str, str] = {}
+    for url in urls:
+        for attempt in range(1, retries + 1):
+            try:
+                _fetch_verified(url, dest, md5.lower(), timeout)
+                return dest
+            except (_ChecksumMismatch, OSError, http.client.HTTPException, ValueError) as exc:
+                last_errors[url] = _describe_download_error(exc)
+                if _is_permanent(exc):
+                    break
+            if attempt < retries and backoff > 0:
+                time.sleep(backoff * attempt)
+    tried = "; ".join(f"{url} ({error})" for url, error in last_errors.items())
+    raise DataError(f"failed to download {dest.name} to {dest.parent}. Tried: {tried}.")
+
+
+def _make_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"cannot create directory {folder} ({exc.strerror or exc}); set TRAINKIT_CACHE_DIR "
+            f"to a writable folder."
+        ) from None
+
+
+def _fetch_verified(url: str, dest: Path, md5: str, timeout: float) -> None:
+    tmp = tempfile.NamedTemporaryFile(
+        dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False
+    )
+    try:
+        with tmp:
+            digest = _stream_to(url, tmp, timeout)
+            if digest != md5:
+                raise _ChecksumMismatch(f"md5 mismatch: got {digest}, expected {md5}")
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, dest)
+    except BaseException:
+        _remove_quietly(Path(tmp.name))
+        raise
+
+
+def _stream_to(url: str, out: IO[bytes], timeout: float, chunk_size: int = 1 << 20) -> str:
+    """Copy the URL's body into ``out``; return the md5 hex digest of what was written."""
+    digest = hashlib.md5()
+    request = urllib.request.Request(url, headers={"User-Agent": "trainkit"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        while chunk := response.read(chunk_size):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _is_permanent(exc: Exception) -> bool:
+    """A 4xx answer (other than timeout / rate limit) will not change on retry."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return 400 <= exc.code < 500 and exc.code not in (408, 429)
+    return isinstance(exc, ValueError)  # malformed URL
+
+
+def _describe_download_error(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and splitting
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorSplit:
+    """One split as two whole tensors: x float32 (N, 1, H, W) normalised, y int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class DatasetSplits:
+    """Train/val/test splits plus what a model and a report need to know about them."""
+
+    name: str
+    train: TensorSplit
+    val: TensorSplit
+    test: TensorSplit
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: float
+    std: float
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    val_size: int = 5000,
+    seed: int = 0,
+    download: bool = True,
+    device: str | torch.device = "cpu",
+) -> DatasetSplits:
+    """Load a dataset as normalised tensors on ``device``, with a seeded validation split."""
+    _check_dataset_name(name)
+    if val_size < 0:
+        raise ConfigError(f"val_size must be >= 0, got {val_size}.")
+    target = _as_device(device)
+    if name == "synthetic":
+        train_images, train_labels, test_images, test_labels = _synthetic_images(seed)
+        val_size = min(val_size, len(train_labels) // 5)
+    else:
+        train_images, train_labels, test_images, test_labels = _read_idx_dataset(
+            IDX_DATASETS[name], find_dataset_dir(name, data_dir, download=download)
+        )
+    if val_size >= len(train_labels):
+        raise ConfigError(
+            f"val_size={val_size} must be smaller than the {len(train_labels)} training images."
+        )
+    train_idx, val_idx = _split_indices(len(train_labels), val_size, seed)
+    train_u8 = train_images[train_idx]
+    mean, std = _pixel_mean_std(train_u8)
+    splits = [
+        _make_split(images, labels, mean, std, target)
+        for images, labels in (
+            (train_u8, train_labels[train_idx]),
+            (train_images[val_idx], train_labels[val_idx]),
+            (test_images, test_labels),
+        )
+    ]
+    return DatasetSplits(
+        name=name,
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+        num_classes=NUM_CLASSES,
+        input_shape=(1, *train_images.shape[1:]),
+        mean=mean,
+        std=std,
+    )
+
+
+def _as_device(device: str | torch.device) -> torch.device:
+    try:
+        target = torch.device(device)
+        torch.empty(0, device=target)  # fails early if the device is not usable here
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ConfigError(f"device {str(device)!r} is not available: {exc}") from None
+    return target
+
+
+def _read_idx_dataset(spec: IdxDataset, folder: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    train = _read_images_and_labels(folder, spec.train_images, spec.train_labels)
+    test = _read_images_and_labels(folder, spec.test_images, spec.test_labels)
+    if train[0].shape[1:] != test[0].shape[1:]:
+        raise DataError(
+            f"image size differs between {spec.train_images.name} {tuple(train[0].shape[1:])} and "
+            f"{spec.test_images.name} {tuple(test[0].shape[1:])} in {folder}; the files do not "
+            f"belong to the same dataset."
+        )
+    return (*train, *test)
+
+
+def _read_images_and_labels(
+    folder: Path, images_file: RemoteFile, labels_file: RemoteFile
+) -> tuple[Tensor, Tensor]:
+    images_path = _local_copy(folder, images_file) or folder / images_file.name
+    labels_path = _local_copy(folder, labels_file) or folder / labels_file.name
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(
+            f"{images_path}: expected a 3-D image file (count, height, width), "
+            f"got shape {tuple(images.shape)}."
+        )
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected a 1-D label file, got shape {tuple(labels.shape)}.")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{images_path} holds {images.shape[0]} images but {labels_path} holds "
+            f"{labels.shape[0]} labels; the files do not belong together. Replace both with "
+            f"matching copies."
+        )
+    highest = int(labels.max())
+    if highest >= NUM_CLASSES:
+        raise DataError(
+            f"{labels_path}: label value {highest} found, expected 0..{NUM_CLASSES - 1}. "
+            f"{_REPLACE_HINT}"
+        )
+    return images, labels.long()
+
+
+def _split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded (train, val) index sets; both sorted, so val_size=0 keeps the file's order."""
+    generator = torch.Generator().manual_seed(seed)
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[torch.randperm(n, generator=generator)[:val_size]] = True
+    return (~is_val).nonzero().squeeze(1), is_val.nonzero().squeeze(1)  # O(n), no sort
+
+
+def _pixel_mean_std(images_u8: Tensor) -> tuple[float, float]:
+    """Mean/std of the pixels scaled to [0, 1], from exact integer sums (no float drift)."""
+    flat = images_u8.reshape(-1)
+    count = flat.numel()
+    histogram = torch.bincount(flat, minlength=256).double()
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    mean = float((histogram * levels).sum() / count)
+    var = float((histogram * (levels - mean) ** 2).sum() / count)
+    if var <= 0.0:
+        raise DataError("the training images are all one colour; they cannot be normalised.")
+    return mean, math.sqrt(var)
+
+
+def _make_split(images_u8: Tensor, labels: Tensor, mean: float, std: float, device: torch.device) -> TensorSplit:
+    x = images_u8.to(device).unsqueeze(1).to(torch.float32)
+    x.mul_(1.0 / 255.0).sub_(mean).div_(std)
+    return TensorSplit(x=x, y=labels.to(device=device, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic dataset
+# ---------------------------------------------------------------------------------------------
+
+_SYNTHETIC_PROTOTYPE_SEED = 20240601  # fixed: the task is the same for every `seed`
+_SYNTHETIC_TRAIN, _SYNTHETIC_TEST, _SYNTHETIC_SIDE = 4000, 1000, 28
+_SYNTHETIC_NOISE = 0.3  # std of per-pixel noise, on the [0, 1] pixel scale
+_SYNTHETIC_CLASS_SPREAD = 0.3  # how far class patterns stray from a shared base: sets difficulty
+
+
+def _synthetic_prototypes() -> Tensor:
+    """Ten smooth patterns in [0, 1]: a shared base plus a small class-specific deviation.
+
+    Coarse 7x7 noise upsampled bilinearly to 28x28 gives smooth blobs; sharing a base keeps
+    the classes close enough that noise makes them confusable (no trivial 100%).
+    """
+    generator = torch.Generator().manual_seed(_SYNTHETIC_PROTOTYPE_SEED)
+    base = torch.randn(1, 1, 7, 7, generator=generator)
+    deviation = torch.randn(NUM_CLASSES, 1, 7, 7, generator=generator)
+    coarse = base + _SYNTHETIC_CLASS_SPREAD * deviation
+    smooth = torch.nn.functional.interpolate(
+        coarse, size=(_SYNTHETIC_SIDE, _SYNTHETIC_SIDE), mode="bilinear", align_corners=False
+    )
+    return torch.sigmoid(1.5 * smooth).squeeze(1)
+
+
+def _synthetic_images(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """uint8 images and int64 labels, like an IDX dataset, so they share the loading path."""
+    generator = torch.Generator().manual_seed(seed)
+    prototypes = _synthetic_prototypes()
+
+    def draw(count: int) -> tuple[Tensor, Tensor]:
+        labels = torch.arange(count) % NUM_CLASSES
+        labels = labels[torch.randperm(count, generator=generator)]
+        contrast = 0.7 + 0.6 * torch.rand(count, 1, 1, generator=generator)
+        noise = _SYNTHETIC_NOISE * torch.randn(count, _SYNTHETIC_SIDE, _SYNTHETIC_SIDE, generator=generator)
+        pixels = (0.5 + contrast * (prototypes[labels] - 0.5) + noise).clamp_(0.0, 1.0)
+        return (pixels * 255.0).round_().to(torch.uint8), labels
+
+    train_images, train_labels = draw(_SYNTHETIC_TRAIN)
+    test_images, test_labels = draw(_SYNTHETIC_TEST)
+    return train_images, train_labels, test_images, test_labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-side batching
+# ---------------------------------------------------------------------------------------------
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed that depends only on (seed, epoch), so any epoch can be replayed alone."""
+    digest = hashlib.blake2b(f"trainkit:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+class DeviceBatches:
+    """Mini-batches drawn from tensors that already live on the target device.
+
+    Indexing whole device tensors per batch avoids DataLoader workers and host-device copies;
+    per-epoch generators make the order a pure function of (seed, epoch), so a run resumed at
+    (epoch, start_batch) sees exactly the batches an uninterrupted run would have.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        augment_shift: int = 0,
+        fill: float | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if x.shape[0] != y.shape[0]:
+            raise ConfigError(f"x has {x.shape[0]} samples but y has {y.shape[0]}; they must match.")
+        if x.device != y.device:
+            raise ConfigError(f"x is on {x.device} but y is on {y.device}; put both on one device.")
+        if augment_shift < 0:
+            raise ConfigError(f"augment_shift must be >= 0, got {augment_shift}.")
+        if augment_shift and x.ndim < 3:
+            raise ConfigError(
+                f"augment_shift needs images shaped (N, ..., H, W); got x of shape {tuple(x.shape)}."
+            )
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.augment_shift = augment_shift
+        # default fill: the darkest value, i.e. the (normalised) background of MNIST-like images
+        if fill is None and augment_shift and x.numel():
+            fill = float(x.min())
+        self.fill = 0.0 if fill is None else float(fill)
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.x.shape[0])
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield epoch ``epoch``'s batches from ``start_batch`` on; skipped batches cost nothing."""
+        if not 0 <= start_batch <= len(self):
+            raise ConfigError(f"start_batch must be in 0..{len(self)}, got {start_batch}.")
+        generator = None
+        if self.shuffle or self.augment_shift:
+            generator = torch.Generator(device=self.x.device).manual_seed(_epoch_seed(self.seed, epoch))
+        order = self._order(generator)
+        offsets = self._shift_offsets(generator)  # drawn for the whole epoch: skipping stays exact
+        return self._batches(order, offsets, start_batch)
+
+    def _order(self, generator: torch.Generator | None) -> Tensor | None:
+        if not self.shuffle:
+            return None
+        return torch.randperm(self.num_samples, generator=generator, device=self.x.device)
+
+    def _shift_offsets(self, generator: torch.Generator | None) -> Tensor | None:
+        s = self.augment_shift
+        if not s:
+            return None
+        return torch.randint(-s, s + 1, (self.num_samples, 2), generator=generator, device=self.x.device)
+
+    def _batches(
+        self, order: Tensor | None, offsets: Tensor | None, start_batch: int
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        for b in range(start_batch, len(self)):
+            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+            if order is None:
+                xb, yb = self.x[lo:hi], self.y[lo:hi]
+            else:
+                idx = order[lo:hi]
+                xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+            if offsets is not None:
+                xb = shift_images(xb, offsets[lo:hi], self.augment_shift, self.fill)
+            yield xb, yb
+
+
+def shift_images(images: Tensor, offsets: Tensor, max_shift: int, fill: float) -> Tensor:
+    """Translate each image by its own (dy, dx) in ``offsets`` (B, 2), filling uncovered pixels.
+
+    Vectorised: pad once, then gather every sample's window with broadcast index tensors.
+    Content at (r, c) moves to (r + dy, c + dx). ``max_shift`` must bound ``|offsets|``.
+    """
+    height, width = images.shape[-2:]
+    batch, s = images.shape[0], max_shift
+    flat = images.reshape(batch, -1, height, width)
+    padded = flat.new_full((batch, flat.shape[1], height + 2 * s, width + 2 * s), fill)
+    padded[:, :, s : s + height, s : s + width] = flat
+    device = images.device
+    rows = torch.arange(height, device=device) + s - offsets[:, 0:1]  # (B, H)
+    cols = torch.arange(width, device=device) + s - offsets[:, 1:2]  # (B, W)
+    out = padded[
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(flat.shape[1], device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    return out.reshape(images.shape)

@@ -1,0 +1,279 @@
+"""Model builders for small image-classification tasks (MNIST-sized by default).
+
+Each builder returns a plain ``nn.Sequential`` so that models print, pickle and
+load checkpoints without custom classes beyond those in ``trainkit.layers``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from trainkit.errors import ConfigError
+from trainkit.layers import (
+    NORMS,
+    Residual,
+    activation_layer,
+    activation_name,
+    check_choice,
+    check_rate,
+    norm_layer,
+)
+
+__all__ = ["MODEL_NAMES", "build_model", "cnn", "mlp", "model_activation", "residual_mlp"]
+
+
+# -------------------------------------------------------------------------- checks
+
+
+def _check_positive(what: str, value: int) -> int:
+    if value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_widths(what: str, widths: Sequence[int], *, allow_empty: bool) -> tuple[int, ...]:
+    widths = tuple(widths)
+    if not widths and not allow_empty:
+        raise ConfigError(f"{what} must list at least one width")
+    for width in widths:
+        _check_positive(f"every entry of {what}", width)
+    return widths
+
+
+def _dropout_layers(dropout: float) -> list[nn.Module]:
+    """A Dropout layer, or nothing when dropout is 0 (keeps printed models and checkpoints lean)."""
+    return [nn.Dropout(dropout)] if dropout > 0 else []
+
+
+# ---------------------------------------------------------------------------- MLPs
+
+
+def mlp(
+    in_features: int = 784,
+    hidden: Sequence[int] = (256, 128),
+    num_classes: int = 10,
+    *,
+    norm: str = "batch",
+    dropout: float = 0.0,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """Plain MLP: Flatten, then Linear → norm → activation → [Dropout] per hidden width, then a Linear head.
+
+    The defaults are the production MNIST MLP 784-256-128-10 with BatchNorm.
+    """
+    _check_positive("in_features", in_features)
+    _check_positive("num_classes", num_classes)
+    hidden = _check_widths("hidden", hidden, allow_empty=True)
+    check_choice("norm", norm, NORMS)
+    check_rate("dropout", dropout)
+    activation_layer(activation)  # validate before building anything
+
+    layers: list[nn.Module] = [nn.Flatten()]
+    width_in = in_features
+    for width in hidden:
+        layers += [
+            nn.Linear(width_in, width),
+            norm_layer(norm, width, spatial=False),
+            activation_layer(activation),
+            *_dropout_layers(dropout),
+        ]
+        width_in = width
+    layers.append(nn.Linear(width_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+def drop_path_rates(drop_path: float, depth: int) -> list[float]:
+    """Stochastic-depth rate per block, rising linearly from 0 to ``drop_path``.
+
+    Early blocks compute features everything else depends on, so they are dropped least.
+    """
+    check_rate("drop_path", drop_path)
+    return torch.linspace(0.0, drop_path, depth).tolist()
+
+
+def _residual_mlp_block(width: int, norm: str, dropout: float, activation: str) -> nn.Sequential:
+    """Pre-norm block body: norm → Linear → act → [Dropout] → Linear (the out_proj)."""
+    return nn.Sequential(
+        norm_layer(norm, width, spatial=False),
+        nn.Linear(width, width),
+        activation_layer(activation),
+        *_dropout_layers(dropout),
+        nn.Linear(width, width),
+    )
+
+
+def residual_mlp(
+    in_features: int = 784,
+    width: int = 256,
+    depth: int = 4,
+    num_classes: int = 10,
+    *,
+    norm: str = "layer",
+    dropout: float = 0.0,
+    activation: str = "relu",
+    drop_path: float = 0.0,
+) -> nn.Sequential:
+    """Pre-norm residual MLP: Linear stem, ``depth`` residual blocks, final norm → act → Linear head.
+
+    Residual connections keep deep MLPs trainable; ``drop_path`` adds stochastic depth.
+    """
+    _check_positive("in_features", in_features)
+    _check_positive("width", width)
+    _check_positive("depth", depth)
+    _check_positive("num_classes", num_classes)
+    check_choice("norm", norm, NORMS)
+    check_rate("dropout", dropout)
+    activation_layer(activation)
+
+    blocks = [
+        Residual(_residual_mlp_block(width, norm, dropout, activation), drop_path=p)
+        for p in drop_path_rates(drop_path, depth)
+    ]
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, width),
+        *blocks,
+        norm_layer(norm, width, spatial=False),
+        activation_layer(activation),
+        nn.Linear(width, num_classes),
+    )
+
+
+# ---------------------------------------------------------------------------- CNNs
+
+
+def _pooled_size(image_size: int, num_pools: int) -> int:
+    """Spatial size after ``num_pools`` 2×2 max-pools (each floors: 28 → 14 → 7 → 3)."""
+    size = image_size
+    for _ in range(num_pools):
+        size //= 2
+    if size < 1:
+        raise ConfigError(
+            f"image_size {image_size} is too small for {num_pools} pooling stages; "
+            f"use fewer channels entries or larger images"
+        )
+    return size
+
+
+def _conv_stage(in_ch: int, out_ch: int, norm: str, activation: str) -> list[nn.Module]:
+    """Conv 3×3 → norm → act → MaxPool 2. The conv has no bias when a norm supplies the shift."""
+    return [
+        nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1, bias=norm == "none"),
+        norm_layer(norm, out_ch, spatial=True),
+        activation_layer(activation),
+        nn.MaxPool2d(2),
+    ]
+
+
+def cnn(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    *,
+    channels: Sequence[int] = (32, 64, 128),
+    image_size: int = 28,
+    norm: str = "batch",
+    dropout: float = 0.0,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """Small VGG-style CNN: one conv stage per ``channels`` entry, then [Dropout] → Linear head.
+
+    Cheap enough to train on a 2-core CPU; reaches ~99.5% on MNIST with shift augmentation.
+    """
+    _check_positive("in_channels", in_channels)
+    _check_positive("num_classes", num_classes)
+    _check_positive("image_size", image_size)
+    channels = _check_widths("channels", channels, allow_empty=False)
+    check_choice("norm", norm, NORMS)
+    check_rate("dropout", dropout)
+    activation_layer(activation)
+    size = _pooled_size(image_size, len(channels))
+
+    layers: list[nn.Module] = []
+    for in_ch, out_ch in zip((in_channels, *channels[:-1]), channels):
+        layers += _conv_stage(in_ch, out_ch, norm, activation)
+    layers += [
+        nn.Flatten(),
+        *_dropout_layers(dropout),
+        nn.Linear(channels[-1] * size * size, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+# ------------------------------------------------------------------------ registry
+
+MODEL_NAMES: tuple[str, ...] = ("mlp", "residual_mlp", "cnn")
+
+_MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "mlp": ("hidden", "norm", "dropout", "activation"),
+    "residual_mlp": ("width", "depth", "norm", "dropout", "activation", "drop_path"),
+    "cnn": ("channels", "norm", "dropout", "activation"),
+}
+
+
+def _flat_features(input_shape: tuple[int, ...]) -> int:
+    return math.prod(input_shape)
+
+
+def _image_geometry(input_shape: tuple[int, ...]) -> tuple[int, int]:
+    """(channels, side) of a square (C, H, W) input, as the CNN needs."""
+    if len(input_shape) != 3:
+        raise ConfigError(f"cnn needs input_shape (C, H, W), got {tuple(input_shape)}")
+    channels, height, width = input_shape
+    if height != width:
+        raise ConfigError(f"cnn needs square images, got {height}x{width}")
+    return channels, height
+
+
+def _build_mlp(input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
+    return mlp(_flat_features(input_shape), num_classes=num_classes, **options)
+
+
+def _build_residual_mlp(input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
+    return residual_mlp(_flat_features(input_shape), num_classes=num_classes, **options)
+
+
+def _build_cnn(input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
+    channels, side = _image_geometry(input_shape)
+    return cnn(channels, num_classes, image_size=side, **options)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": _build_mlp,
+    "residual_mlp": _build_residual_mlp,
+    "cnn": _build_cnn,
+}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **options) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` (C, H, W) and ``num_classes`` outputs.
+
+    ``options`` go to the builder. Options set to None are dropped (use the builder's
+    default); an option the model does not take raises ConfigError rather than being
+    silently ignored.
+    """
+    check_choice("model", name, MODEL_NAMES)
+    options = {key: value for key, value in options.items() if value is not None}
+    accepted = _MODEL_OPTIONS[name]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"model {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it accepts: {', '.join(accepted)}"
+        )
+    return _BUILDERS[name](tuple(input_shape), num_classes, **options)
+
+
+def model_activation(model: nn.Module) -> str | None:
+    """Name of the first activation module in ``model`` (None if it has none).
+
+    Used by ``init_weights(scheme="auto")`` to pick an init matched to the nonlinearity.
+    """
+    for module in model.modules():
+        name = activation_name(module)
+        if name is not None:
+            return name
+    return None

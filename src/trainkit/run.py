@@ -1,0 +1,169 @@
+"""The train job end to end: data, model, init, Trainer, test once, summary and plots.
+
+``trainkit train`` is a thin wrapper around ``train_run``; Python users can call it too.
+The output directory holds ``config.json`` (resolved), ``history.csv``, ``checkpoints/``,
+``loss.png``/``accuracy.png``/``lr.png`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainkit.callbacks import Callback, EarlyStopping
+from trainkit.checkpoint import CheckpointDir, load_checkpoint, model_sha256
+from trainkit.config import TrainConfig, config_from_dict
+from trainkit.data import DatasetSplits, DeviceBatches, load_dataset
+from trainkit.errors import ConfigError
+from trainkit.init import init_weights
+from trainkit.models import build_model
+from trainkit.plots import plot_history
+from trainkit.trainer import Trainer, resolve_device
+
+log = logging.getLogger("trainkit")
+
+# Settings that may differ when resuming: where data lives and which device runs it.
+RESUMABLE_OVERRIDES = ("data_dir", "device", "out")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_out_dir(config: TrainConfig) -> Path:
+    return Path("runs") / f"{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def build_model_from_config(config: TrainConfig, data: DatasetSplits) -> nn.Module:
+    """The configured architecture, initialised with the configured scheme (seeded by the caller)."""
+    options: dict[str, Any] = {"norm": config.norm, "dropout": config.dropout, "activation": config.activation}
+    if config.model == "mlp":
+        options["hidden"] = tuple(config.hidden)
+    model = build_model(config.model, data.input_shape, data.num_classes, **options)
+    return init_weights(model, config.init)
+
+
+def build_callbacks(config: TrainConfig) -> list[Callback]:
+    if config.patience == 0:
+        return []
+    return [
+        EarlyStopping(
+            monitor=config.monitor, mode=config.monitor_mode, patience=config.patience, min_delta=config.min_delta
+        )
+    ]
+
+
+def resume_config(out_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved config of the run in ``out_dir``; flags may only change where/how it runs."""
+    saved_path = out_dir / "config.json"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {out_dir} holds no trainkit run (no config.json); check --out")
+    saved = config_from_dict(json.loads(saved_path.read_text()), source=str(saved_path))
+    for key, value in overrides.items():
+        if key not in RESUMABLE_OVERRIDES and getattr(saved, key) != value:
+            raise ConfigError(
+                f"--resume continues the run in {out_dir} with its saved settings, but --{key.replace('_', '-')} "
+                f"{value} differs from the saved {getattr(saved, key)}; drop the flag or start a new run with another --out"
+            )
+    allowed = {key: value for key, value in overrides.items() if key in RESUMABLE_OVERRIDES}
+    return config_from_dict({**saved.to_dict(), **allowed})
+
+
+def prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
+    """Create the output dir; return the checkpoint to resume from (None for a fresh run)."""
+    checkpoints = CheckpointDir(out_dir / "checkpoints")
+    if resume:
+        latest = checkpoints.latest()
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint in {checkpoints.directory}; run without --resume to start")
+        return latest
+    if (out_dir / "config.json").exists() or checkpoints.latest() is not None:
+        raise ConfigError(
+            f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def train_run(config: TrainConfig, *, resume: bool = False, extra_callbacks: Sequence[Callback] = ()) -> dict:
+    """Run the configured training job and return its summary (also written to summary.json)."""
+    started = time.perf_counter()
+    config = config.resolved()
+    out_dir = Path(config.out) if config.out else default_out_dir(config)
+    config.out = str(out_dir)
+    resume_from = prepare_out_dir(out_dir, resume)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
+    model = build_model_from_config(config, data)
+    train_batches = DeviceBatches(
+        data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
+    )
+    val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False)
+    callbacks = [*build_callbacks(config), *extra_callbacks]
+    trainer = Trainer(model, config, callbacks=callbacks, out_dir=out_dir)
+    log.info(
+        "training %s on %s (%d train / %d val / %d test) on %s -> %s",
+        config.model, config.dataset, len(data.train), len(data.val), len(data.test), device, out_dir,
+    )  # fmt: skip
+    history = trainer.fit(train_batches, val_batches, resume_from=resume_from)
+
+    test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False))
+    summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_history(history, out_dir)
+    log.info(
+        "test accuracy %.4f (loss %.4f), best epoch %s, %d epochs in %.1fs; wrote %s",
+        summary["test_accuracy"], summary["test_loss"], summary["best_epoch"],
+        summary["epochs_run"], summary["wall_seconds"], out_dir,
+    )  # fmt: skip
+    return summary
+
+
+def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, wall_seconds: float) -> dict:
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    restored = stopper is not None and stopper.best_weights is not None
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "best_epoch": stopper.best_epoch if restored else trainer.best_epoch,
+        "best_val_metric": stopper.best if restored else trainer.best_metric,
+        "monitor": trainer.config.monitor,
+        "final_weights": "best epoch (restored by early stopping)" if restored else "last epoch",
+        "epochs_run": len(history),
+        "stopped_early": trainer.state.stop_requested,
+        "wall_seconds": round(wall_seconds, 3),
+        "model_sha256": model_sha256(trainer.model),
+        "seed": trainer.config.seed,
+        "torch_version": torch.__version__,
+    }
+
+
+def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict:
+    """Test-set loss and accuracy of a checkpoint, rebuilt from the config stored in it."""
+    payload = load_checkpoint(path)
+    config = config_from_dict(payload["config"], source=str(path))
+    if data_dir is not None:
+        config.data_dir = data_dir
+    config.device = device
+    torch_device = resolve_device(device)
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=torch_device)
+    model = build_model_from_config(config, data)
+    model.load_state_dict(payload["model"])
+    trainer = Trainer(model, config)
+    test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False))
+    return {"checkpoint": str(path), "epoch": payload["epoch"], "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"], "test_samples": len(data.test)}  # fmt: skip

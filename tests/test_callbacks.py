@@ -1,0 +1,95 @@
+"""Early stopping: the decision rules, and restoring the best epoch's exact weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainkit.callbacks import EarlyStopping, TrainState, clone_state_dict
+from trainkit.errors import ConfigError
+
+
+def run_epochs(stopper: EarlyStopping, values: list[float], model: nn.Module | None = None) -> tuple[TrainState, list]:
+    """Feed a metric sequence; the weights change in place each epoch as an optimizer would."""
+    model = model or nn.Linear(4, 2)
+    state = TrainState(model=model)
+    snapshots = []
+    for epoch, value in enumerate(values, start=1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(epoch))  # in-place, like optimizer.step()
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        state.epoch, state.metrics = epoch, {"val_loss": value, "val_accuracy": 1 - value}
+        stopper.on_epoch_end(state)
+        if state.stop_requested:
+            break
+    return state, snapshots
+
+
+def test_stops_after_patience_epochs_without_improvement():
+    stopper = EarlyStopping(patience=2)
+    state, _ = run_epochs(stopper, [1.0, 0.5, 0.7, 0.8, 0.1])
+    assert state.stop_requested and state.epoch == 4
+    assert stopper.best == 0.5 and stopper.best_epoch == 2
+
+
+def test_restores_the_best_epochs_exact_weights_not_an_alias():
+    model = nn.Linear(4, 2)
+    stopper = EarlyStopping(patience=2, restore_best=True)
+    state, snapshots = run_epochs(stopper, [1.0, 0.5, 0.7, 0.8], model)
+    stopper.on_fit_end(state)
+    restored = model.state_dict()
+    for key in restored:
+        assert torch.equal(restored[key], snapshots[1][key]), "must be epoch 2's weights"
+        assert not torch.equal(restored[key], snapshots[-1][key])
+
+
+def test_a_shallow_state_dict_copy_would_alias_live_weights():
+    """Documents the bug the clone guards against: state_dict().copy() tensors change with training."""
+    model = nn.Linear(4, 2)
+    shallow, deep = model.state_dict().copy(), clone_state_dict(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert torch.equal(shallow["weight"], model.weight)
+    assert not torch.equal(deep["weight"], model.weight)
+
+
+def test_mode_max_and_min_delta():
+    stopper = EarlyStopping(monitor="val_accuracy", mode="max", patience=2, min_delta=0.05)
+    # accuracies 0.0, 0.5, 0.52 (not enough), 0.53 (not enough) -> stop at epoch 4
+    state, _ = run_epochs(stopper, [1.0, 0.5, 0.48, 0.47])
+    assert state.stop_requested and state.epoch == 4 and stopper.best_epoch == 2
+
+
+def test_baseline_must_be_beaten():
+    stopper = EarlyStopping(patience=2, baseline=0.3)
+    state, _ = run_epochs(stopper, [0.5, 0.4, 0.35])
+    assert state.stop_requested and state.epoch == 2
+    assert stopper.best_epoch is None and stopper.best_weights is None
+
+
+def test_start_from_epoch_ignores_early_epochs():
+    stopper = EarlyStopping(patience=1, start_from_epoch=2)
+    state, _ = run_epochs(stopper, [0.1, 0.2, 0.9, 0.95])
+    assert stopper.best_epoch == 3 and state.epoch == 4 and state.stop_requested
+
+
+def test_unknown_metric_is_a_clear_error():
+    stopper = EarlyStopping(monitor="val_f1")
+    with pytest.raises(ConfigError, match="val_f1.*available"):
+        run_epochs(stopper, [1.0])
+
+
+def test_state_round_trip():
+    stopper = EarlyStopping(patience=3)
+    run_epochs(stopper, [1.0, 0.5, 0.7])
+    other = EarlyStopping(patience=3)
+    other.load_state_dict(stopper.state_dict())
+    assert (other.best, other.best_epoch, other.wait) == (0.5, 2, 1)
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "up"}, {"patience": 0}, {"min_delta": -1}])
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ConfigError):
+        EarlyStopping(**kwargs)

@@ -1,0 +1,208 @@
+"""The training loop: mode discipline, accumulation, clipping, precision, NaN handling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from trainkit.callbacks import Callback, TrainState
+from trainkit.config import TrainConfig
+from trainkit.data import DeviceBatches
+from trainkit.errors import ConfigError, NonFiniteLossError, TrainkitError
+from trainkit.models import mlp
+from trainkit.trainer import Trainer, group_batches
+
+
+def plain_config(**overrides) -> TrainConfig:
+    """No regularisation, schedule or clipping: the update is plain SGD, easy to reproduce by hand."""
+    base = dict(
+        optimizer="sgd", momentum=0.0, lr=0.1, weight_decay=0.0, schedule="constant", clip_norm=None,
+        epochs=1, patience=0, device="cpu", dropout=0.0, norm="none",
+    )  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def toy_data(n: int = 80, features: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return x, y
+
+
+def toy_model(features: int = 12, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(features, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def test_group_batches_keeps_a_short_last_group():
+    sizes = [len(g) for g in group_batches(range(7), 3)]
+    assert sizes == [3, 3, 1]
+
+
+def test_accumulation_matches_one_big_batch_including_a_partial_last_group():
+    x, y = toy_data(80)
+    model = toy_model()
+    reference = copy.deepcopy(model)
+    # 5 micro-batches of 16, accumulate 3: groups of 48 then 32 samples -> 2 optimizer steps.
+    trainer = Trainer(model, plain_config(batch_size=16, accumulate=3))
+    trainer.fit(DeviceBatches(x, y, 16, shuffle=False))
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for part in (slice(0, 48), slice(48, 80)):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x[part]), y[part]).backward()
+        optimizer.step()
+
+    assert trainer.state.global_step == 2
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_k_accumulated_steps_equal_one_step_of_k_times_the_batch():
+    x, y = toy_data(64)
+    small, big = toy_model(), toy_model()
+    Trainer(small, plain_config(batch_size=16, accumulate=4, epochs=3)).fit(DeviceBatches(x, y, 16, seed=1))
+    Trainer(big, plain_config(batch_size=64, epochs=3)).fit(DeviceBatches(x, y, 64, seed=1))
+    for got, want in zip(small.parameters(), big.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class ModeRecorder(Callback):
+    """Records (training mode, grad enabled, inference mode) at every forward pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.seen: list[tuple[bool, bool, bool]] = []
+        model.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, output) -> None:
+        self.seen.append((module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+
+
+def test_train_mode_while_fitting_and_eval_inference_mode_for_validation():
+    x, y = toy_data(64)
+    model = toy_model()
+    recorder = ModeRecorder(model)
+    trainer = Trainer(model, plain_config(batch_size=32, epochs=2))
+    trainer.fit(DeviceBatches(x, y, 32), DeviceBatches(x[:40], y[:40], 20, shuffle=False))
+    # per epoch: 2 training forwards, then 2 validation forwards
+    assert recorder.seen == ([(True, True, False)] * 2 + [(False, False, True)] * 2) * 2
+    assert not model.training, "fit() must leave the model in eval mode"
+
+
+def test_predict_refuses_a_model_in_training_mode_and_works_in_eval():
+    x, _ = toy_data(10)
+    model = toy_model()
+    trainer = Trainer(model, plain_config())
+    model.train()
+    with pytest.raises(TrainkitError, match="training mode"):
+        trainer.predict(x)
+    model.eval()
+    torch.testing.assert_close(trainer.predict(x, batch_size=3), model(x).detach())
+
+
+class GradProbe(Callback):
+    """Reads the gradients the optimizer just used (they stay until the next zero_grad)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.norms: list[float] = []
+        self.max_abs: list[float] = []
+
+    def on_batch_end(self, state: TrainState, loss: torch.Tensor) -> None:
+        grads = [p.grad for p in self.model.parameters()]
+        self.norms.append(torch.nn.utils.get_total_norm(grads).item())
+        self.max_abs.append(max(g.abs().max().item() for g in grads))
+
+
+def unclipped_grad_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    probe = copy.deepcopy(model)
+    nn.functional.cross_entropy(probe(x), y).backward()
+    return torch.nn.utils.get_total_norm([p.grad for p in probe.parameters()]).item()
+
+
+def test_clip_norm_bounds_the_norm_and_history_reports_the_pre_clip_value():
+    x, y = toy_data(32)
+    model = toy_model()
+    expected_pre_clip = unclipped_grad_norm(model, x, y)
+    probe = GradProbe(model)
+    trainer = Trainer(model, plain_config(batch_size=32, clip_norm=0.01), callbacks=[probe])
+    history = trainer.fit(DeviceBatches(x, y, 32, shuffle=False))
+    assert expected_pre_clip > 0.1
+    assert history[0]["grad_norm"] == pytest.approx(expected_pre_clip, rel=1e-5)
+    assert history[0]["clip_fraction"] == 1.0
+    assert probe.norms[0] == pytest.approx(0.01, rel=1e-4)
+
+
+def test_clip_value_bounds_every_gradient_element():
+    x, y = toy_data(64)
+    model = toy_model()
+    probe = GradProbe(model)
+    trainer = Trainer(model, plain_config(batch_size=16, clip_value=1e-3, epochs=2), callbacks=[probe])
+    history = trainer.fit(DeviceBatches(x, y, 16))
+    assert max(probe.max_abs) <= 1e-3 + 1e-9
+    assert [row["clip_fraction"] for row in history] == [1.0, 1.0]
+
+
+def test_no_clipping_when_threshold_is_not_reached():
+    x, y = toy_data(32)
+    history = Trainer(toy_model(), plain_config(batch_size=32, clip_norm=1e6)).fit(DeviceBatches(x, y, 32))
+    assert history[0]["clip_fraction"] == 0.0
+
+
+def test_bf16_autocast_on_cpu_trains_in_bfloat16_as_well_as_fp32():
+    x, y = toy_data(256)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = toy_model()
+        dtypes = []
+        model[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        config = plain_config(batch_size=32, epochs=8, precision=precision, optimizer="adamw", lr=1e-2)
+        history = Trainer(model, config).fit(DeviceBatches(x, y, 32), DeviceBatches(x, y, 256, shuffle=False))
+        results[precision] = (set(dtypes), history)
+        assert all(p.dtype == torch.float32 for p in model.parameters()), "master weights stay fp32"
+    assert results["bf16"][0] == {torch.bfloat16}
+    assert results["fp32"][0] == {torch.float32}
+    bf16, fp32 = results["bf16"][1], results["fp32"][1]
+    assert bf16[-1]["train_loss"] < 0.7 * bf16[0]["train_loss"]
+    assert bf16[-1]["val_accuracy"] == pytest.approx(fp32[-1]["val_accuracy"], abs=0.03)
+
+
+def test_fp16_on_cpu_is_refused_with_a_hint():
+    with pytest.raises(ConfigError, match="bf16"):
+        Trainer(toy_model(), plain_config(precision="fp16"))
+
+
+class NaNAfter(nn.Module):
+    """Cross-entropy that returns NaN from the n-th call on."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if self.calls >= self.n else loss
+
+
+def test_nonfinite_loss_stops_training_naming_the_step():
+    x, y = toy_data(80)
+    trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=3), loss_fn=NaNAfter(8))
+    with pytest.raises(NonFiniteLossError, match=r"step 8 \(epoch 2, step 3 of the epoch\)"):
+        trainer.fit(DeviceBatches(x, y, 16))
+    assert trainer.state.epoch == 2
+
+
+def test_history_has_every_documented_metric():
+    x, y = toy_data(64)
+    history = Trainer(toy_model(), plain_config(batch_size=16, epochs=2)).fit(
+        DeviceBatches(x, y, 16), DeviceBatches(x, y, 64, shuffle=False)
+    )
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr", "grad_norm", "clip_fraction",
+                "epoch_seconds", "samples_per_second"):  # fmt: skip
+        assert key in history[0]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert history[0]["samples_per_second"] > 0
