@@ -91,6 +91,7 @@ def offline(tmp_path, monkeypatch):
     """Isolate every test from the user's cache, env vars and the network."""
     monkeypatch.setenv("TRAINKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("TRAINKIT_DATA_DIR", raising=False)
+    monkeypatch.delenv("TRAINKIT_OFFLINE", raising=False)  # safe: every mirror is a local file:// folder
     dead_mirror = (tmp_path / "no-such-mirror").as_uri() + "/"
     for name, spec in list(data.IDX_DATASETS.items()):
         monkeypatch.setitem(data.IDX_DATASETS, name, dataclasses.replace(spec, mirrors=(dead_mirror,)))
@@ -647,3 +648,9 @@ def test_shift_images_direction_and_fill():
     expected[0, :] = -1.0  # rows exposed by shifting down
     expected[:, :2] = -1.0  # columns exposed by shifting right
     assert torch.equal(out[0, 0], expected)
+
+
+def test_offline_env_var_forbids_downloading(monkeypatch):
+    monkeypatch.setenv("TRAINKIT_OFFLINE", "1")
+    with pytest.raises(DataError, match="downloading is disabled"):
+        find_dataset_dir("mnist")

@@ -82,6 +82,15 @@ def clone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
+def is_improvement(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never improves)."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
 class EarlyStopping(Callback):
     """Stop when a monitored metric stops improving; optionally restore the best weights.
 
@@ -118,11 +127,6 @@ class EarlyStopping(Callback):
         self.wait = 0
         self.best_weights: dict[str, torch.Tensor] | None = None
 
-    def is_improvement(self, value: float) -> bool:
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
     def on_epoch_end(self, state: TrainState) -> None:
         if state.epoch <= self.start_from_epoch:
             return
@@ -132,7 +136,7 @@ class EarlyStopping(Callback):
                 f"available: {', '.join(sorted(state.metrics))}"
             )
         value = state.metrics[self.monitor]
-        if math.isfinite(value) and self.is_improvement(value):
+        if is_improvement(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch, self.wait = value, state.epoch, 0
             if self.restore_best:
                 self.best_weights = clone_state_dict(state.model)

@@ -63,13 +63,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"checkpoint {path} holds objects trainkit does not store (refused by safe loading): {_first_line(exc)}"
+            f"checkpoint {path} holds objects trainkit does not store (refused by safe loading): {_unpickler_reason(exc)}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {_first_line(exc)}") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"{path} is not a trainkit checkpoint (no model state inside)")
     return payload
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """torch's weights-only error is a page of advice; keep the line naming the refused object."""
+    match = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(exc))
+    return match.group(1) if match else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,7 +18,11 @@ from typing import Any
 
 import yaml
 
+from trainkit.data import DATASET_NAMES
 from trainkit.errors import ConfigError
+from trainkit.init import INIT_SCHEMES
+from trainkit.layers import ACTIVATIONS, NORMS
+from trainkit.models import MODEL_NAMES
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
@@ -88,6 +92,12 @@ class TrainConfig:
         return filled
 
     def validate(self) -> None:
+        """Check every value before any work starts (data loading, model building)."""
+        _require_choice("dataset", self.dataset, DATASET_NAMES)
+        _require_choice("model", self.model, MODEL_NAMES)
+        _require_choice("norm", self.norm, NORMS)
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_choice("init", self.init, INIT_SCHEMES)
         _require_choice("optimizer", self.optimizer, OPTIMIZERS)
         _require_choice("schedule", self.schedule, SCHEDULES)
         _require_choice("precision", self.precision, PRECISIONS)

@@ -305,8 +305,10 @@ def find_dataset_dir(
     """Return the folder holding the dataset's four IDX files, downloading into the cache if needed.
 
     Order: explicit ``data_dir`` (error if it lacks the files; never downloads),
-    ``$TRAINKIT_DATA_DIR/<name>``, then ``default_cache_dir()/<name>``.
+    ``$TRAINKIT_DATA_DIR/<name>``, then ``default_cache_dir()/<name>``. Setting
+    ``TRAINKIT_OFFLINE=1`` forbids downloading (tests and CI use it).
     """
+    download = download and os.environ.get("TRAINKIT_OFFLINE", "") not in ("1", "true", "yes")
     spec = _idx_dataset(name)
     if data_dir is not None and str(data_dir) != "":
         return _dataset_dir_in_explicit(spec, Path(data_dir).expanduser())

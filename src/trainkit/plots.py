@@ -29,7 +29,7 @@ def plot_history(history: list[dict[str, float]], out_dir: str | Path) -> list[P
                 ax.plot(epochs, values, marker="o", markersize=3, label=key)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
-        if log_scale:
+        if log_scale and all(row.get(k, 0) > 0 for row in history for k in keys):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()

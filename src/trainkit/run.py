@@ -27,7 +27,7 @@ from trainkit.errors import ConfigError
 from trainkit.init import init_weights
 from trainkit.models import build_model
 from trainkit.plots import plot_history
-from trainkit.trainer import Trainer, resolve_device
+from trainkit.trainer import Trainer, autocast_dtype, resolve_device
 
 log = logging.getLogger("trainkit")
 
@@ -84,6 +84,8 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
     """Create the output dir; return the checkpoint to resume from (None for a fresh run)."""
     checkpoints = CheckpointDir(out_dir / "checkpoints")
     if resume:
+        if (out_dir / "summary.json").exists():
+            raise ConfigError(f"--resume: the run in {out_dir} already finished (it has summary.json); use a new --out")
         latest = checkpoints.latest()
         if latest is None:
             raise ConfigError(f"--resume: no checkpoint in {checkpoints.directory}; run without --resume to start")
@@ -100,13 +102,14 @@ def train_run(config: TrainConfig, *, resume: bool = False, extra_callbacks: Seq
     """Run the configured training job and return its summary (also written to summary.json)."""
     started = time.perf_counter()
     config = config.resolved()
+    device = resolve_device(config.device)
+    autocast_dtype(config.precision, device)  # fail on e.g. fp16 without CUDA before any work
     out_dir = Path(config.out) if config.out else default_out_dir(config)
     config.out = str(out_dir)
     resume_from = prepare_out_dir(out_dir, resume)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
     seed_everything(config.seed)
-    device = resolve_device(config.device)
     data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
     model = build_model_from_config(config, data)
     train_batches = DeviceBatches(
@@ -148,7 +151,7 @@ def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, 
         "wall_seconds": round(wall_seconds, 3),
         "model_sha256": model_sha256(trainer.model),
         "seed": trainer.config.seed,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 import trainkit
-from trainkit.callbacks import Callback, TrainState
+from trainkit.callbacks import Callback, TrainState, is_improvement
 from trainkit.checkpoint import CheckpointDir, load_checkpoint
 from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
@@ -314,7 +314,7 @@ class Trainer:
         return {
             "format": "trainkit-checkpoint",
             "format_version": 1,
-            "versions": {"trainkit": trainkit.__version__, "torch": torch.__version__},
+            "versions": {"trainkit": trainkit.__version__, "torch": str(torch.__version__)},
             "config": self.config.to_dict(),
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -348,17 +348,12 @@ class Trainer:
         random.setstate(payload["rng"]["python"])
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
+        """Best by the same rule as early stopping (monitor, mode, min_delta), so both agree."""
         value = metrics.get(self.config.monitor)
-        if value is None or not math.isfinite(value):
+        if value is None or not is_improvement(value, self.best_metric, self.config.monitor_mode, self.config.min_delta):
             return False
-        better = (
-            self.best_metric is None
-            or (self.config.monitor_mode == "min" and value < self.best_metric)
-            or (self.config.monitor_mode == "max" and value > self.best_metric)
-        )
-        if better:
-            self.best_metric, self.best_epoch = value, self.state.epoch
-        return better
+        self.best_metric, self.best_epoch = value, self.state.epoch
+        return True
 
     def _save_checkpoint(self, metrics: dict[str, float]) -> None:
         is_best = self._is_new_best(metrics)

@@ -1,0 +1,94 @@
+"""The command line: an end-to-end run, config files, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainkit.cli import EXIT_USAGE, main
+
+
+def test_train_then_evaluate_end_to_end_in_a_subprocess(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "TRAINKIT_CACHE_DIR": str(tmp_path / "cache")}
+    train = subprocess.run(
+        [sys.executable, "-m", "trainkit", "train", "--dataset", "synthetic", "--epochs", "2",
+         "--batch-size", "64", "--device", "cpu", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr
+    summary = json.loads(train.stdout)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert 0.7 < summary["test_accuracy"] <= 1.0  # chance is 0.1
+    assert summary["epochs_run"] == 2 and len(summary["model_sha256"]) == 64
+    assert "epoch 2/2" in train.stderr
+
+    evaluate = subprocess.run(
+        [sys.executable, "-m", "trainkit", "evaluate", str(out / "checkpoints" / "best.pt"), "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert f"test accuracy {summary['test_accuracy']:.4f}" in evaluate.stdout
+
+
+def test_config_file_values_are_overridden_by_flags(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "synthetic"\nepochs = 5\nbatch-size = 64\nlr = 0.002\ndevice = "cpu"\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--epochs", "1", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["batch_size"]) == (1, 0.002, 64)
+
+
+def test_yaml_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: synthetic\nepochs: 1\nmodel: cnn\nbatch_size: 256\ndevice: cpu\npatience: 0\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "cnn"
+
+
+BAD_INPUT = [
+    (["train", "--lr", "-0.1"], "--lr must be a positive"),
+    (["train", "--lr", "nan"], "--lr must be a positive"),
+    (["train", "--dataset", "cifar"], "cifar"),
+    (["train", "--data-dir", "/no/such/dir"], "/no/such/dir"),
+    (["train", "--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["train", "--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["train", "--epochs", "ten"], "invalid int value"),
+    (["train", "--schedule", "linear-ish"], "invalid choice"),
+    (["train", "--norm", "instance"], "instance"),
+    (["train", "--precision", "fp16", "--device", "cpu"], "bf16"),
+    (["train", "--device", "cuda"], "no CUDA GPU"),
+    (["train", "--config", "/no/such.toml"], "does not exist"),
+    (["train", "--bogus-flag"], "unrecognized arguments"),
+    (["evaluate", "/no/such.pt"], "does not exist"),
+]
+
+
+def run_cli(argv: list[str]) -> int:
+    """main()'s exit status, whether it returns it or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("argv, reason", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_exits_non_zero_with_one_line(argv, reason, tmp_path, capsys):
+    if argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path / "run")]
+    assert run_cli(argv) == EXIT_USAGE
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert reason in err[0]
+
+
+def test_bad_config_file_key(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("learning_rate = 0.1\n")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == EXIT_USAGE
+    assert "unknown setting(s) learning_rate" in capsys.readouterr().err
