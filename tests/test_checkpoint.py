@@ -1,25 +1,36 @@
-"""Checkpoint files: atomic writes, safe loading, retention, and the model hash."""
+"""Checkpoint files: atomic writes, integrity, safe loading, retention, and the model hash."""
 
 from __future__ import annotations
 
-import pickle
+import hashlib
+import io
+import logging
 
 import pytest
 import torch
 from torch import nn
 
-from trainkit.checkpoint import CheckpointDir, load_checkpoint, model_sha256, save_checkpoint
+from trainkit import checkpoint as ckpt
+from trainkit.checkpoint import (
+    TRAILER_MAGIC,
+    CheckpointDir,
+    load_checkpoint,
+    model_sha256,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from trainkit.errors import CheckpointError
 
 
-def payload(value: float = 1.0) -> dict:
-    return {"model": {"w": torch.full((3,), value)}, "epoch": 1, "history": [{"val_loss": 0.5}]}
+def payload(value: float = 1.0, size: int = 3) -> dict:
+    return {"model": {"w": torch.full((size,), value)}, "epoch": 1, "history": [{"val_loss": 0.5}]}
 
 
-def test_round_trip(tmp_path):
+def test_round_trip_and_plain_torch_load_still_reads_the_file(tmp_path):
     save_checkpoint(payload(2.0), tmp_path / "a.pt")
     loaded = load_checkpoint(tmp_path / "a.pt")
     assert torch.equal(loaded["model"]["w"], torch.full((3,), 2.0)) and loaded["history"] == [{"val_loss": 0.5}]
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["model"]["w"], torch.full((3,), 2.0))
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"], "no temporary files left behind"
 
 
@@ -27,58 +38,140 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path, mon
     path = tmp_path / "a.pt"
     save_checkpoint(payload(1.0), path)
 
-    def broken_save(obj, handle):
-        handle.write(b"partial")
-        raise OSError("No space left on device")
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(ckpt.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space left"):
         save_checkpoint(payload(9.0), path)
     monkeypatch.undo()
+    assert verify_checkpoint(path) is None
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage"])
-def test_damaged_files_are_named_in_a_clear_error(tmp_path, damage):
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda d: d[:-1], "no integrity trailer"),
+        (lambda d: d[: len(d) // 2], "no integrity trailer"),
+        (lambda d: b"", "empty"),
+        (lambda d: d[:100] + bytes([d[100] ^ 0x01]) + d[101:], "sha256"),
+    ],
+    ids=["truncated-by-one-byte", "truncated-by-half", "empty", "flipped-byte"],
+)
+def test_damaged_files_are_detected_and_named(tmp_path, damage, reason):
     path = tmp_path / "a.pt"
     save_checkpoint(payload(), path)
-    data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "garbage": b"not a checkpoint"}[damage])
-    with pytest.raises(CheckpointError, match="a.pt"):
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=rf"a\.pt.*{reason}"):
         load_checkpoint(path)
+    assert reason in verify_checkpoint(path)
+
+
+def test_every_single_bit_flip_is_detected_including_tensor_bytes(tmp_path):
+    """torch.load alone would happily return altered tensor values; the sha256 trailer does not."""
+    path = tmp_path / "a.pt"
+    save_checkpoint(payload(0.25, size=64), path)
+    data = path.read_bytes()
+    tensor_bytes = torch.full((64,), 0.25).numpy().tobytes()
+    tensor_at = data.index(tensor_bytes)
+    positions = sorted({*range(0, len(data), 7), *range(tensor_at, tensor_at + len(tensor_bytes)), len(data) - 1})
+    undetected = []
+    for position in positions:
+        for bit in (0, 5):
+            flipped = bytearray(data)
+            flipped[position] ^= 1 << bit
+            path.write_bytes(bytes(flipped))
+            if verify_checkpoint(path) is None:
+                undetected.append((position, bit))
+    assert len(positions) > 300
+    assert undetected == []
+    # the point of the trailer: a flip inside the tensor payload is invisible to torch.load
+    flipped = bytearray(data)
+    flipped[tensor_at + 1] ^= 0x01
+    body = bytes(flipped[: -ckpt.TRAILER_SIZE])
+    silently_wrong = torch.load(io.BytesIO(body), weights_only=True)["model"]["w"]
+    assert not torch.equal(silently_wrong, torch.full((64,), 0.25))
 
 
 class Exploit:
     def __reduce__(self):
-        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['PWNED']).write_text('x')",))
+        return (exec, ("import pathlib, os; pathlib.Path(os.environ['PWNED']).write_text('x')",))
 
 
-def test_a_malicious_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch):
+def malicious_file(path, with_valid_trailer: bool) -> None:
+    buffer = io.BytesIO()
+    torch.save({"model": {}, "payload": Exploit()}, buffer)
+    body = buffer.getvalue()
+    trailer = TRAILER_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" if with_valid_trailer else b""
+    path.write_bytes(body + trailer)
+
+
+@pytest.mark.parametrize("with_valid_trailer", [True, False])
+def test_a_malicious_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch, with_valid_trailer):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("PWNED", str(marker))
     path = tmp_path / "evil.pt"
-    torch.save({"model": {}, "payload": Exploit()}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    malicious_file(path, with_valid_trailer)
+    with pytest.raises(CheckpointError, match="refused by safe loading|no integrity trailer"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+def test_safe_loading_names_the_refused_global(tmp_path, monkeypatch):
+    monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
+    malicious_file(tmp_path / "evil.pt", with_valid_trailer=True)
+    with pytest.raises(CheckpointError, match="Unsupported global: GLOBAL (builtins\\.)?exec"):
+        load_checkpoint(tmp_path / "evil.pt")
 
 
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
-    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    save_checkpoint({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a trainkit checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
 
 
-def test_retention_keeps_the_last_n_and_best(tmp_path):
-    folder = CheckpointDir(tmp_path, keep_last=2)
-    for epoch in range(1, 6):
-        folder.save(payload(float(epoch)), epoch, is_best=epoch == 2)
-    assert [p.name for p in folder.epoch_files()] == ["epoch-0004.pt", "epoch-0005.pt"]
-    assert folder.latest().name == "epoch-0005.pt"
+def test_names_sort_by_training_position(tmp_path):
+    folder = CheckpointDir(tmp_path, keep_last=10)
+    for epoch, step in [(1, None), (2, 150), (2, None), (3, 250), (2, 120)]:
+        folder.save(payload(), epoch=epoch, step=step, is_best=False)
+    assert [p.path.name for p in folder.checkpoints()] == [
+        "epoch-0001.pt", "epoch-0002-step-00000120.pt", "epoch-0002-step-00000150.pt",
+        "epoch-0002.pt", "epoch-0003-step-00000250.pt",
+    ]  # fmt: skip
+
+
+def test_retention_keeps_the_last_n_every_kth_epoch_and_best(tmp_path):
+    folder = CheckpointDir(tmp_path, keep_last=2, keep_every=3)
+    for epoch in range(1, 8):
+        folder.save(payload(float(epoch)), epoch=epoch, step=None, is_best=epoch == 2)
+        folder.save(payload(float(epoch)), epoch=epoch + 1, step=epoch * 100, is_best=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best.pt", "epoch-0003.pt", "epoch-0006.pt", "epoch-0007.pt", "epoch-0008-step-00000700.pt"]
     assert torch.equal(load_checkpoint(folder.best_path)["model"]["w"], torch.full((3,), 2.0))
+
+
+def test_newest_valid_falls_back_past_damaged_files_and_says_which(tmp_path, caplog):
+    folder = CheckpointDir(tmp_path, keep_last=5)
+    for epoch in (1, 2, 3):
+        folder.save(payload(float(epoch)), epoch=epoch, step=None, is_best=False)
+    newest = folder.path_for(3, None)
+    newest.write_bytes(newest.read_bytes()[:-1])
+    with caplog.at_level(logging.WARNING, logger="trainkit"):
+        path, loaded = folder.newest_valid()
+    assert path.name == "epoch-0002.pt" and torch.equal(loaded["model"]["w"], torch.full((3,), 2.0))
+    assert "skipping epoch-0003.pt" in caplog.text and "no integrity trailer" in caplog.text
+
+
+def test_leftover_temp_files_are_removed(tmp_path):
+    folder = CheckpointDir(tmp_path)
+    (tmp_path / ".epoch-0002.pt.1234.tmp").write_bytes(b"partial")
+    folder.save(payload(), epoch=1, step=None, is_best=False)
+    assert [p.name for p in folder.remove_temp_files()] == [".epoch-0002.pt.1234.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0001.pt"]
 
 
 def test_model_sha256_changes_with_any_weight_and_is_order_independent():
@@ -89,5 +182,4 @@ def test_model_sha256_changes_with_any_weight_and_is_order_independent():
     assert model_sha256(dict(reversed(list(state.items())))) == digest
     with torch.no_grad():
         model.bias[0] += 1e-7
-    assert model_sha256(model) != digest
-    assert len(digest) == 64 and pickle.loads(pickle.dumps(digest)) == digest
+    assert model_sha256(model) != digest and len(digest) == 64

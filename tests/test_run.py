@@ -81,8 +81,8 @@ def test_resume_refuses_changed_settings(synthetic_config, tmp_path):
     assert resume_config(tmp_path / "run", {"device": "cpu"}).epochs == 1
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(synthetic_config, tmp_path):
-    with pytest.raises(ConfigError, match="no checkpoint"):
+def test_resume_of_a_missing_run_is_a_clear_error(synthetic_config, tmp_path):
+    with pytest.raises(ConfigError, match="holds no trainkit run"):
         train_run(synthetic_config(), resume=True)
 
 

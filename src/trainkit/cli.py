@@ -16,11 +16,22 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from trainkit import __version__
-from trainkit.config import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig, config_from_dict, load_config_file
-from trainkit.errors import NonFiniteLossError, TrainkitError
+from trainkit.config import (
+    NONFINITE_POLICIES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SAVE_ERROR_POLICIES,
+    SCHEDULES,
+    TrainConfig,
+    config_from_dict,
+    load_config_file,
+)
+from trainkit.errors import NonFiniteLossError, TrainingInterrupted, TrainkitError
 
-EXIT_USAGE = 2
-EXIT_NONFINITE = 3
+EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
+EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
+EXIT_INTERRUPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; continue with --resume (EX_TEMPFAIL)
+EXIT_UNVERIFIED = 1  # trainkit inspect: the checkpoint fails verification
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -45,7 +56,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """Flags default to SUPPRESS so only those the user typed override the config file."""
     add = parser.add_argument
     add("--config", help="TOML/YAML/JSON file of settings; flags override it")
-    add("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
+    add("--force-resume", action="store_true", help="resume even if settings or data differ from the checkpoint's")
     group = parser.add_argument_group("settings (defaults: the production MNIST recipe)")
     flag = lambda name, **kw: group.add_argument(name, default=argparse.SUPPRESS, **kw)  # noqa: E731
     flag("--dataset", help="mnist, fashion-mnist or synthetic (default mnist)")
@@ -74,6 +86,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--min-delta", type=float, help="smallest change that counts as improvement (default 0)")
     flag("--monitor", help="history metric for early stopping and best checkpoint (default val_loss)")
     flag("--monitor-mode", choices=("min", "max"), help="(default min)")
+    flag("--keep-checkpoints", type=int, help="newest checkpoint files to keep (default 3)")
+    flag("--keep-every-epochs", type=int, help="also keep every K-th epoch's checkpoint; 0 = off (default 0)")
+    flag("--checkpoint-every-steps", type=int, help="mid-epoch checkpoint every N optimizer steps; 0 = off")
+    flag("--on-save-error", choices=SAVE_ERROR_POLICIES, help="after a failed save: continue (default) or stop")
+    flag("--on-nonfinite", choices=NONFINITE_POLICIES, help="NaN/inf loss: raise (default), skip or rollback")
+    flag("--rollback-lr-factor", type=float, help="lr multiplier after each rollback (default 0.5)")
+    flag("--max-rollbacks", type=int, help="give up after this many rollbacks (default 3)")
     flag("--seed", type=int, help="(default 0)")
     flag("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     flag("--out", help="output directory (default runs/<dataset>-<model>-<time>)")
@@ -88,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--device", default="auto")
+    inspect = commands.add_parser("inspect", help="verify a checkpoint and show what it holds")
+    inspect.add_argument("checkpoint")
     return parser
 
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     """The config file's settings overridden by the flags typed; also returns those flags."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "force_resume")}
     file_values = load_config_file(args.config) if args.config else {}
     config = config_from_dict({**file_values, **flags}, source=args.config or "flags")
     return config, flags
@@ -106,8 +127,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.resume:
         if config.out is None:
             raise TrainkitError("--resume needs --out DIR naming the run to continue")
-        config = resume_config(Path(config.out), flags)
-    summary = train_run(config, resume=args.resume)
+        config = resume_config(Path(config.out), flags, force=args.force_resume)
+    summary = train_run(config, resume=args.resume, force_resume=args.force_resume)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -123,12 +144,35 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inspect(args: argparse.Namespace) -> int:
+    from trainkit.checkpoint import load_checkpoint, verify_checkpoint
+
+    problem = verify_checkpoint(args.checkpoint)
+    if problem is not None:
+        print(f"{args.checkpoint}: FAILS verification: {problem}")
+        return EXIT_UNVERIFIED
+    payload = load_checkpoint(args.checkpoint)
+    position = payload.get("position")
+    where = "end of epoch" if position is None else f"mid-epoch, {position['batches_done']} batches into epoch"
+    last = payload["history"][-1] if payload["history"] else {}
+    print(f"{args.checkpoint}: verifies (sha256 ok)")
+    print(f"  epoch {payload['epoch']} ({where}), optimizer step {payload['global_step']}")
+    print(f"  best {payload['config']['monitor']} {payload['best_metric']} at epoch {payload['best_epoch']}")
+    print(f"  last epoch metrics: {json.dumps({k: round(v, 6) for k, v in last.items()})}")
+    print(f"  rollbacks {payload['rollbacks']}, versions {payload['versions']}")
+    print(f"  config: {json.dumps(payload['config'])}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "evaluate": run_evaluate}
+    handlers = {"train": run_train, "evaluate": run_evaluate, "inspect": run_inspect}
     try:
         return handlers[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"trainkit {args.command}: {exc}; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except NonFiniteLossError as exc:
         print(f"trainkit {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
@@ -136,5 +180,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trainkit {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"trainkit {args.command}: interrupted; the latest epoch checkpoint is intact", file=sys.stderr)
+        print(f"trainkit {args.command}: interrupted; earlier checkpoints are intact", file=sys.stderr)
         return 130

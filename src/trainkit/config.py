@@ -28,6 +28,8 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("min", "max")
+NONFINITE_POLICIES = ("raise", "skip", "rollback")
+SAVE_ERROR_POLICIES = ("continue", "stop")
 
 # Defaults that depend on the model: the CNN trains fewer, slower epochs and needs
 # shift augmentation to get past 99.5%; the MLP does best without it in a short budget.
@@ -72,7 +74,14 @@ class TrainConfig:
     min_delta: float = 0.0
     monitor: str = "val_loss"
     monitor_mode: str = "min"
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # newest checkpoint files kept (epoch ends and mid-epoch saves)
+    keep_every_epochs: int = 0  # also keep every K-th epoch's checkpoint; 0 = off
+    checkpoint_every_steps: int = 0  # mid-epoch checkpoints every N optimizer steps; 0 = off
+    on_save_error: str = "continue"  # a failed save is reported; "stop" ends training instead
+    # non-finite losses
+    on_nonfinite: str = "raise"  # raise | skip (drop the step) | rollback (reload, lower lr)
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
     # run
     seed: int = 0
     device: str = "auto"
@@ -102,6 +111,8 @@ class TrainConfig:
         _require_choice("schedule", self.schedule, SCHEDULES)
         _require_choice("precision", self.precision, PRECISIONS)
         _require_choice("monitor-mode", self.monitor_mode, MODES)
+        _require_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        _require_choice("on-save-error", self.on_save_error, SAVE_ERROR_POLICIES)
         _require_positive("lr", self.lr)
         _require_non_negative("weight-decay", self.weight_decay)
         _require_non_negative("momentum", self.momentum)
@@ -109,10 +120,13 @@ class TrainConfig:
         _require_non_negative("min-delta", self.min_delta)
         for name in ("batch_size", "eval_batch_size", "accumulate", "keep_checkpoints"):
             _require_int_at_least(name, getattr(self, name), 1)
-        for name in ("patience", "val_size", "augment_shift", "seed"):
+        for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs",
+                     "checkpoint_every_steps", "max_rollbacks"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 0)
         if self.epochs is not None:
             _require_int_at_least("epochs", self.epochs, 1)
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            raise ConfigError(f"--rollback-lr-factor must be in (0, 1), got {self.rollback_lr_factor}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.clip_norm is not None:

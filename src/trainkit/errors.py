@@ -24,3 +24,11 @@ class CheckpointError(TrainkitError):
 
 class NonFiniteLossError(TrainkitError):
     """The loss became NaN or infinite during training."""
+
+
+class TrainingInterrupted(TrainkitError):
+    """SIGTERM/SIGINT arrived: training saved a checkpoint and stopped cleanly."""
+
+    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint

@@ -2,28 +2,34 @@
 
 ``trainkit train`` is a thin wrapper around ``train_run``; Python users can call it too.
 The output directory holds ``config.json`` (resolved), ``history.csv``, ``checkpoints/``,
-``loss.png``/``accuracy.png``/``lr.png`` and ``summary.json``.
+``loss.png``/``accuracy.png``/``lr.png``, ``model.safetensors`` (the final weights) and
+``summary.json``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import CheckpointDir, load_checkpoint, model_sha256
 from trainkit.config import TrainConfig, config_from_dict
 from trainkit.data import DatasetSplits, DeviceBatches, load_dataset
-from trainkit.errors import ConfigError
+from trainkit.errors import CheckpointError, ConfigError
 from trainkit.init import init_weights
 from trainkit.models import build_model
 from trainkit.plots import plot_history
@@ -64,41 +70,108 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
     ]
 
 
-def resume_config(out_dir: Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved config of the run in ``out_dir``; flags may only change where/how it runs."""
+def data_fingerprint(data: DatasetSplits) -> str:
+    """Identifies the training data: a resume on other data would silently train something else."""
+    digest = hashlib.sha256(f"{data.name}|{len(data.train)}|{len(data.val)}|{data.mean:.8f}|{data.std:.8f}".encode())
+    digest.update(data.train.y.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between two configs, ignoring where/how the run executes."""
+    keys = sorted((set(saved) | set(current)) - set(RESUMABLE_OVERRIDES))
+    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+
+
+def resume_config(out_dir: Path, overrides: dict[str, Any], *, force: bool = False) -> TrainConfig:
+    """The saved config of the run in ``out_dir``; flags may only change where/how it runs (unless forced)."""
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {out_dir} holds no trainkit run (no config.json); check --out")
     saved = config_from_dict(json.loads(saved_path.read_text()), source=str(saved_path))
-    for key, value in overrides.items():
-        if key not in RESUMABLE_OVERRIDES and getattr(saved, key) != value:
-            raise ConfigError(
-                f"--resume continues the run in {out_dir} with its saved settings, but --{key.replace('_', '-')} "
-                f"{value} differs from the saved {getattr(saved, key)}; drop the flag or start a new run with another --out"
-            )
-    allowed = {key: value for key, value in overrides.items() if key in RESUMABLE_OVERRIDES}
+    changed = {k: v for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and getattr(saved, k) != v}
+    if changed and not force:
+        key, value = next(iter(changed.items()))
+        raise ConfigError(
+            f"--resume continues the run in {out_dir} with its saved settings, but --{key.replace('_', '-')} "
+            f"{value} differs from the saved {getattr(saved, key)}; drop the flag, start a new run with "
+            f"another --out, or pass --force-resume"
+        )
+    allowed = overrides if force else {k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES}
     return config_from_dict({**saved.to_dict(), **allowed})
 
 
-def prepare_out_dir(out_dir: Path, resume: bool) -> Path | None:
-    """Create the output dir; return the checkpoint to resume from (None for a fresh run)."""
-    checkpoints = CheckpointDir(out_dir / "checkpoints")
+def prepare_out_dir(out_dir: Path, resume: bool) -> None:
+    """Create the output dir; refuse to overwrite a run, or to resume a finished one."""
     if resume:
+        if not (out_dir / "config.json").exists():
+            raise ConfigError(f"--resume: {out_dir} holds no trainkit run (no config.json); check --out")
         if (out_dir / "summary.json").exists():
             raise ConfigError(f"--resume: the run in {out_dir} already finished (it has summary.json); use a new --out")
-        latest = checkpoints.latest()
-        if latest is None:
-            raise ConfigError(f"--resume: no checkpoint in {checkpoints.directory}; run without --resume to start")
-        return latest
-    if (out_dir / "config.json").exists() or checkpoints.latest() is not None:
-        raise ConfigError(
-            f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
-        )
+        return
+    if (out_dir / "config.json").exists() or CheckpointDir(out_dir / "checkpoints").latest() is not None:
+        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return None
 
 
-def train_run(config: TrainConfig, *, resume: bool = False, extra_callbacks: Sequence[Callback] = ()) -> dict:
+def checkpoint_to_resume(
+    out_dir: Path, config: TrainConfig, fingerprint: str, device: torch.device, *, force: bool
+) -> dict[str, Any] | None:
+    """The newest checkpoint that verifies, checked against this run's config and data (None: none yet)."""
+    checkpoints = CheckpointDir(out_dir / "checkpoints")
+    if not checkpoints.checkpoints():
+        log.warning("--resume: %s has no checkpoint yet; starting the run from the beginning", out_dir)
+        return None
+    found = checkpoints.newest_valid(device)
+    if found is None:
+        raise CheckpointError(
+            f"--resume: no checkpoint in {checkpoints.directory} verifies; inspect them with `trainkit inspect`"
+        )
+    path, payload = found
+    log.info("resuming from %s", path)
+    if force:
+        return payload
+    differences = config_differences(payload["config"], config.to_dict())
+    if differences:
+        raise CheckpointError(
+            f"{path} was written with different settings ({'; '.join(differences)}); "
+            f"resume with the same settings or pass --force-resume"
+        )
+    saved_fingerprint = payload.get("run_info", {}).get("data_fingerprint")
+    if saved_fingerprint != fingerprint:
+        raise CheckpointError(
+            f"{path} was trained on different data (fingerprint {saved_fingerprint}, now {fingerprint}): "
+            f"check --data-dir / --dataset, or pass --force-resume"
+        )
+    return payload
+
+
+@contextmanager
+def stop_cleanly_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGTERM/SIGINT: finish the step, save, exit. A second signal falls back to the default action."""
+    previous = {}
+
+    def handle(signum: int, frame: Any) -> None:
+        trainer.request_interrupt(f"received {signal.Signals(signum).name}")
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train_run(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    force_resume: bool = False,
+    extra_callbacks: Sequence[Callback] = (),
+) -> dict:
     """Run the configured training job and return its summary (also written to summary.json)."""
     started = time.perf_counter()
     config = config.resolved()
@@ -106,34 +179,54 @@ def train_run(config: TrainConfig, *, resume: bool = False, extra_callbacks: Seq
     autocast_dtype(config.precision, device)  # fail on e.g. fp16 without CUDA before any work
     out_dir = Path(config.out) if config.out else default_out_dir(config)
     config.out = str(out_dir)
-    resume_from = prepare_out_dir(out_dir, resume)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    prepare_out_dir(out_dir, resume)
 
     seed_everything(config.seed)
     data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
+    fingerprint = data_fingerprint(data)
+    resume_state = checkpoint_to_resume(out_dir, config, fingerprint, device, force=force_resume) if resume else None
+    write_atomically(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     model = build_model_from_config(config, data)
     train_batches = DeviceBatches(
         data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
     )
     val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False)
     callbacks = [*build_callbacks(config), *extra_callbacks]
-    trainer = Trainer(model, config, callbacks=callbacks, out_dir=out_dir)
+    trainer = Trainer(
+        model, config, callbacks=callbacks, out_dir=out_dir, run_info={"data_fingerprint": fingerprint}
+    )
     log.info(
         "training %s on %s (%d train / %d val / %d test) on %s -> %s",
         config.model, config.dataset, len(data.train), len(data.val), len(data.test), device, out_dir,
     )  # fmt: skip
-    history = trainer.fit(train_batches, val_batches, resume_from=resume_from)
+    with stop_cleanly_on_signals(trainer):
+        history = trainer.fit(train_batches, val_batches, resume_from=resume_state)
 
     test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False))
+    export_safetensors(trainer.model, out_dir / "model.safetensors")
     summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_history(history, out_dir)
+    write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.info(
         "test accuracy %.4f (loss %.4f), best epoch %s, %d epochs in %.1fs; wrote %s",
         summary["test_accuracy"], summary["test_loss"], summary["best_epoch"],
         summary["epochs_run"], summary["wall_seconds"], out_dir,
     )  # fmt: skip
     return summary
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def export_safetensors(model: nn.Module, path: Path) -> None:
+    """The final weights in safetensors: loadable anywhere without unpickling anything."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"model_sha256": model_sha256(state)})
+    os.replace(tmp, path)
 
 
 def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, wall_seconds: float) -> dict:
@@ -148,6 +241,8 @@ def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, 
         "final_weights": "best epoch (restored by early stopping)" if restored else "last epoch",
         "epochs_run": len(history),
         "stopped_early": trainer.state.stop_requested,
+        "skipped_steps": sum(row.get("skipped_steps", 0) for row in history),
+        "rollbacks": trainer.rollbacks,
         "wall_seconds": round(wall_seconds, 3),
         "model_sha256": model_sha256(trainer.model),
         "seed": trainer.config.seed,

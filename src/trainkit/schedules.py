@@ -50,3 +50,28 @@ def _warmup_then_cosine(optimizer: Optimizer, total_steps: int, warmup_steps: in
         return cosine
     warmup = sched.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, total_iters=warmup_steps)
     return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[warmup_steps])
+
+
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+
+
+def scale_learning_rate(optimizer: Optimizer, scheduler: sched.LRScheduler | None, factor: float) -> None:
+    """Multiply the current lr and the rest of the schedule by ``factor`` (used after a rollback).
+
+    Closed-form schedulers compute from ``base_lrs`` and chainable ones from the current lr,
+    so scaling both (and OneCycle's max/min/initial lr) scales every later value.
+    """
+    for group in optimizer.param_groups:
+        for key in LR_KEYS:
+            if key in group:
+                group[key] *= factor
+    for scheduler_ in _with_children(scheduler):
+        scheduler_.base_lrs = [lr * factor for lr in scheduler_.base_lrs]
+        if hasattr(scheduler_, "_last_lr"):
+            scheduler_._last_lr = [lr * factor for lr in scheduler_._last_lr]
+
+
+def _with_children(scheduler: sched.LRScheduler | None) -> list[sched.LRScheduler]:
+    if scheduler is None:
+        return []
+    return [scheduler, *getattr(scheduler, "_schedulers", [])]

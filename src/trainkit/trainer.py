@@ -4,16 +4,19 @@
 ``model.train()`` while fitting and ``model.eval()`` + ``torch.inference_mode()`` for
 evaluation; ``zero_grad(set_to_none=True)``; AdamW with decay only on weights; the
 loss of each accumulation group scaled by the group's real size; autocast with the
-gradients unscaled before clipping; the pre-clip gradient norm logged; a stop with a
-clear message when the loss turns NaN; a checkpoint every epoch.
+gradients unscaled before clipping; the pre-clip gradient norm logged; a policy for
+NaN losses; checkpoints at epoch ends (and every N steps) that resume exactly.
 
-Metrics are accumulated as device tensors and read once per epoch, so the loop does not
-force a host-device sync on every step.
+Exact resume: a checkpoint holds every piece of state that the rest of the run depends
+on (weights, optimizer, scheduler, scaler, RNG, the position inside the epoch and the
+epoch's running metrics), and each epoch's data order is a function of (seed, epoch)
+alone. Replaying from a checkpoint therefore performs the same operations in the same
+order as the uninterrupted run.
 """
 
 from __future__ import annotations
 
-import csv
+import copy
 import logging
 import math
 import random
@@ -29,21 +32,27 @@ from tqdm import tqdm
 
 import trainkit
 from trainkit.callbacks import Callback, TrainState, is_improvement
-from trainkit.checkpoint import CheckpointDir, load_checkpoint
+from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint
 from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
-from trainkit.errors import ConfigError, NonFiniteLossError, TrainkitError
+from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
+from trainkit.faults import crash_point
+from trainkit.history import EpochMeter, HistoryFile, format_epoch
 from trainkit.optim import build_optimizer
-from trainkit.schedules import build_scheduler
+from trainkit.schedules import build_scheduler, scale_learning_rate
 
 log = logging.getLogger("trainkit")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-HISTORY_FIELDS = (
-    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-    "grad_norm", "clip_fraction", "epoch_seconds", "samples_per_second",
-)  # fmt: skip
-NONFINITE_CHECK_EVERY = 50  # optimizer steps between checks of the on-device NaN flag
+NONFINITE_CHECK_EVERY = 50  # optimizer steps between reads of the on-device NaN flag ("raise")
+
+
+class NonFiniteStep(Exception):
+    """Internal: a step produced NaN/inf under the rollback policy."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,35 +89,6 @@ def group_batches(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
         yield group
 
 
-class EpochMeter:
-    """Running sums kept on the device; read back once per epoch."""
-
-    def __init__(self, device: torch.device) -> None:
-        zero = torch.zeros((), device=device, dtype=torch.float64)
-        self.loss_sum, self.correct, self.grad_norm_sum, self.clipped = (zero.clone() for _ in range(4))
-        self.samples = 0
-        self.steps = 0
-
-    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.loss_sum += loss.detach() * len(targets)
-        self.correct += (logits.detach().argmax(dim=1) == targets).sum()
-        self.samples += len(targets)
-
-    def add_step(self, grad_norm: torch.Tensor, clipped: torch.Tensor) -> None:
-        self.grad_norm_sum += grad_norm
-        self.clipped += clipped
-        self.steps += 1
-
-    def results(self) -> dict[str, float]:
-        samples, steps = max(self.samples, 1), max(self.steps, 1)
-        return {
-            "train_loss": self.loss_sum.item() / samples,
-            "train_accuracy": self.correct.item() / samples,
-            "grad_norm": self.grad_norm_sum.item() / steps,
-            "clip_fraction": self.clipped.item() / steps,
-        }
-
-
 class Trainer:
     """Fit a classifier with the practices in ``TrainConfig``; see the module docstring."""
 
@@ -120,6 +100,7 @@ class Trainer:
         callbacks: Sequence[Callback] = (),
         out_dir: str | Path | None = None,
         loss_fn: nn.Module | None = None,
+        run_info: dict[str, Any] | None = None,
     ) -> None:
         self.config = config.resolved()
         self.device = resolve_device(self.config.device)
@@ -127,6 +108,7 @@ class Trainer:
         self.model = model.to(self.device)
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.callbacks = list(callbacks)
+        self.run_info = dict(run_info or {})
         self.optimizer = build_optimizer(
             self.config.optimizer,
             self.model,
@@ -139,19 +121,38 @@ class Trainer:
         self.state = TrainState(model=self.model)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoints = (
-            CheckpointDir(self.out_dir / "checkpoints", keep_last=self.config.keep_checkpoints)
+            CheckpointDir(
+                self.out_dir / "checkpoints",
+                keep_last=self.config.keep_checkpoints,
+                keep_every=self.config.keep_every_epochs,
+            )
             if self.out_dir is not None
             else None
         )
+        self.history_file = HistoryFile(self.out_dir / "history.csv" if self.out_dir is not None else None)
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self.interrupt_reason: str | None = None
+        self._meter = EpochMeter(self.device)
+        self._batches_done = 0  # micro-batches of the current epoch already trained on
+        self._pending_position: dict[str, Any] | None = None  # set when resuming mid-epoch
+        self._fallback_state: dict[str, Any] | None = None
         self._nonfinite_step = torch.full((), -1, device=self.device, dtype=torch.long)
 
     # ----------------------------------------------------------------- fitting
     def fit(
-        self, train: DeviceBatches, val: DeviceBatches | None = None, *, resume_from: str | Path | None = None
+        self,
+        train: DeviceBatches,
+        val: DeviceBatches | None = None,
+        *,
+        resume_from: str | Path | dict[str, Any] | None = None,
     ) -> list[dict[str, float]]:
-        """Train for up to ``config.epochs`` epochs (early stopping may end sooner); returns the history."""
+        """Train for up to ``config.epochs`` epochs (early stopping may end sooner); returns the history.
+
+        ``resume_from``: a checkpoint path or an already loaded checkpoint payload.
+        """
         steps_per_epoch = math.ceil(len(train) / self.config.accumulate)
         self.scheduler = build_scheduler(
             self.config.schedule,
@@ -160,25 +161,40 @@ class Trainer:
             warmup_steps=round(self.config.warmup * steps_per_epoch),
         )
         if resume_from is not None:
-            self.load_state_dict(load_checkpoint(resume_from, map_location=self.device))
-            log.info("resumed from %s after epoch %d", resume_from, self.state.epoch)
-        self._rewrite_history_file()
+            payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device)
+            self.load_state_dict(payload)
+            log.info("resumed at epoch %d, optimizer step %d", self.state.epoch + 1, self.state.global_step)
+        if self.checkpoints is not None:
+            self.checkpoints.remove_temp_files()
+        if self.config.on_nonfinite == "rollback":
+            self._fallback_state = copy.deepcopy(self.state_dict())
+        self.history_file.rewrite(self.state.history)
         self._call("on_fit_start")
         while self.state.epoch < self.config.epochs and not self.state.stop_requested:
-            self.state.epoch += 1
-            self._run_epoch(train, val)
+            try:
+                self._run_epoch(train, val)
+            except NonFiniteStep as bad:
+                self._roll_back(bad.step)
         if self.state.stop_requested:
             log.info("%s", self.state.stop_reason)
         self._call("on_fit_end")
         self.model.eval()
         return self.state.history
 
+    def request_interrupt(self, reason: str) -> None:
+        """Ask for a clean stop: finish the current step, save a checkpoint, raise TrainingInterrupted.
+
+        Safe to call from a signal handler: it only sets a flag that the loop reads.
+        """
+        self.interrupt_reason = reason
+
     def _run_epoch(self, train: DeviceBatches, val: DeviceBatches | None) -> None:
         state = self.state
+        state.epoch += 1
         self._call("on_epoch_start")
         started = time.perf_counter()
-        meter = self._train_one_epoch(train)
-        metrics: dict[str, float] = {"epoch": state.epoch, **meter.results()}
+        self._train_one_epoch(train)
+        metrics: dict[str, float] = {"epoch": state.epoch, **self._meter.results()}
         if val is not None and val.num_samples > 0:
             val_metrics = self.evaluate(val)
             metrics["val_loss"], metrics["val_accuracy"] = val_metrics["loss"], val_metrics["accuracy"]
@@ -186,37 +202,50 @@ class Trainer:
         metrics.update(
             lr=self.optimizer.param_groups[0]["lr"],
             epoch_seconds=seconds,
-            samples_per_second=meter.samples / seconds,
+            samples_per_second=self._meter.samples / seconds,
         )
         state.metrics = metrics
         state.history.append(metrics)
         self._call("on_validation_end")
         self._call("on_epoch_end")
-        self._append_history_row(metrics)
-        self._log_epoch(metrics)
-        self._save_checkpoint(metrics)
+        self.history_file.append(metrics)
+        log.info("%s", format_epoch(metrics, self.config.epochs))
+        saved = self._save_checkpoint(epoch_complete=True, is_best=self._is_new_best(metrics))
+        self._stop_if_interrupted(saved)
 
-    def _train_one_epoch(self, train: DeviceBatches) -> EpochMeter:
+    def _train_one_epoch(self, train: DeviceBatches) -> None:
         self.model.train()
-        meter = EpochMeter(self.device)
+        self._meter = EpochMeter(self.device)
+        self._batches_done = 0
+        if self._pending_position is not None:
+            self._meter.load_state_dict(self._pending_position["meter"])
+            self._batches_done = self._pending_position["batches_done"]
+            self._pending_position = None
         steps = math.ceil(len(train) / self.config.accumulate)
-        progress = tqdm(total=steps, desc=f"epoch {self.state.epoch}", leave=False, disable=None)
-        for group in group_batches(train.epoch(self.state.epoch), self.config.accumulate):
-            loss = self._optimizer_step(group, meter)
+        progress = tqdm(total=steps, initial=self._batches_done // self.config.accumulate,
+                        desc=f"epoch {self.state.epoch}", leave=False, disable=None)  # fmt: skip
+        every = self.config.checkpoint_every_steps
+        for group in group_batches(train.epoch(self.state.epoch, self._batches_done), self.config.accumulate):
+            loss = self._optimizer_step(group)
+            self._batches_done += len(group)
             self.state.global_step += 1
             self._call("on_batch_end", loss)
             progress.update()
+            crash_point("step")
+            mid_epoch = self._batches_done < len(train)
+            if mid_epoch and (self.interrupt_reason or (every and self.state.global_step % every == 0)):
+                self._stop_if_interrupted(self._save_checkpoint(epoch_complete=False, is_best=False))
             if self.state.global_step % NONFINITE_CHECK_EVERY == 0:
                 self._raise_if_nonfinite(steps)
         progress.close()
         self._raise_if_nonfinite(steps)
-        return meter
 
-    def _optimizer_step(self, group: list[Batch], meter: EpochMeter) -> torch.Tensor:
+    def _optimizer_step(self, group: list[Batch]) -> torch.Tensor:
         """One optimizer step over an accumulation group; returns the group's mean loss."""
         group_size = sum(len(targets) for _, targets in group)
         self.optimizer.zero_grad(set_to_none=True)
-        group_loss = torch.zeros((), device=self.device)
+        group_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
         for inputs, targets in group:
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
             with self._autocast():
@@ -226,12 +255,14 @@ class Trainer:
             # the group equals the mean loss of one big batch, even for a short last group.
             share = loss * (len(targets) / group_size)
             self.scaler.scale(share).backward()
-            group_loss += share.detach().float()
-            meter.add_batch(loss.float(), logits, targets)
-        self._flag_nonfinite(group_loss)
+            group_loss += share.detach().double()
+            correct += (logits.detach().argmax(dim=1) == targets).sum()
         self.scaler.unscale_(self.optimizer)
         grad_norm, clipped = self._clip_gradients()
-        meter.add_step(grad_norm, clipped)
+        if self._is_nonfinite_step(group_loss, grad_norm):
+            self._skip_step()
+            return group_loss
+        self._meter.add_step(group_loss * group_size, correct, group_size, grad_norm, clipped)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -257,20 +288,61 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _flag_nonfinite(self, loss: torch.Tensor) -> None:
-        first_time = (self._nonfinite_step < 0) & ~torch.isfinite(loss)
-        self._nonfinite_step = torch.where(first_time, self.state.global_step + 1, self._nonfinite_step)
+    # ------------------------------------------------------ non-finite losses
+    def _is_nonfinite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Under "raise", only flag it on the device (read every few steps, no sync);
+        "skip"/"rollback" must decide now, at the cost of one sync per step."""
+        step = self.state.global_step + 1
+        if self.config.on_nonfinite == "raise":
+            first_time = (self._nonfinite_step < 0) & ~torch.isfinite(loss)
+            self._nonfinite_step = torch.where(first_time, step, self._nonfinite_step)
+            return False
+        finite = torch.isfinite(loss)
+        if not self.scaler.is_enabled():  # with fp16, inf gradients are the GradScaler's business
+            finite &= torch.isfinite(grad_norm)
+        if bool(finite):
+            return False
+        self.scaler.update()  # closes this step's GradScaler bookkeeping (no-op without fp16)
+        if self.config.on_nonfinite == "rollback":
+            raise NonFiniteStep(step)
+        log.warning("non-finite loss or gradient at optimizer step %d: step skipped", step)
+        return True
+
+    def _skip_step(self) -> None:
+        """Drop this step's gradients; the schedule still advances so later steps keep their lr."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._meter.skipped += 1
+        self.scheduler.step()
 
     def _raise_if_nonfinite(self, steps_per_epoch: int) -> None:
         step = int(self._nonfinite_step.item())
         if step < 0:
             return
-        last = f"epoch {self.state.epoch - 1}" if self.state.epoch > 1 else "none yet"
         raise NonFiniteLossError(
             f"the training loss became NaN/inf at optimizer step {step} (epoch {self.state.epoch}, "
             f"step {step - (self.state.epoch - 1) * steps_per_epoch} of the epoch); training stopped. "
-            f"Last checkpoint: {last}. Try a lower --lr, --clip-norm, or --precision fp32."
+            f"Earlier checkpoints are intact. Try a lower --lr, --clip-norm, --on-nonfinite skip/rollback, "
+            f"or --precision fp32."
         )
+
+    def _roll_back(self, step: int) -> None:
+        """Reload the newest good checkpoint and continue from it with a lower learning rate."""
+        if self.rollbacks >= self.config.max_rollbacks:
+            raise NonFiniteLossError(
+                f"the training loss became NaN/inf at optimizer step {step} again after "
+                f"{self.rollbacks} rollbacks (--max-rollbacks); giving up. Lower --lr or check the data."
+            )
+        found = self.checkpoints.newest_valid(self.device) if self.checkpoints is not None else None
+        source, payload = found if found is not None else ("the state at the start of fit()", self._fallback_state)
+        rollbacks, target_scale = self.rollbacks + 1, self.lr_scale * self.config.rollback_lr_factor
+        self.load_state_dict(payload)
+        scale_learning_rate(self.optimizer, self.scheduler, target_scale / self.lr_scale)
+        self.rollbacks, self.lr_scale = rollbacks, target_scale
+        log.warning(
+            "non-finite loss at optimizer step %d: rolled back to %s (step %d) and scaled the lr by %g "
+            "(rollback %d of at most %d)",
+            step, source, self.state.global_step, target_scale, rollbacks, self.config.max_rollbacks,
+        )  # fmt: skip
 
     # -------------------------------------------------------------- evaluation
     @torch.inference_mode()
@@ -289,6 +361,7 @@ class Trainer:
                 loss_sum += self.loss_fn(logits, targets).double() * len(targets)
             correct += (logits.argmax(dim=1) == targets).sum()
             samples += len(targets)
+            crash_point("validation")
         if samples == 0:
             raise TrainkitError("cannot evaluate on an empty dataset")
         return {"loss": loss_sum.item() / samples, "accuracy": correct.item() / samples}
@@ -309,24 +382,37 @@ class Trainer:
         return torch.cat(outputs)
 
     # ------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue this run (plain data: loads with weights_only=True)."""
+    def state_dict(self, *, epoch_complete: bool = True) -> dict[str, Any]:
+        """Everything needed to continue this run (plain data: loads with weights_only=True).
+
+        ``epoch`` is the epoch in progress (or just completed); ``position`` says how far into
+        it training got, with the epoch's running metrics, so a mid-epoch resume is exact.
+        """
+        position = None if epoch_complete else {"batches_done": self._batches_done, "meter": self._meter.state_dict()}
         return {
             "format": "trainkit-checkpoint",
-            "format_version": 1,
+            "format_version": 2,
             "versions": {"trainkit": trainkit.__version__, "torch": str(torch.__version__)},
             "config": self.config.to_dict(),
+            "run_info": self.run_info,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "epoch": self.state.epoch,
+            "position": position,
             "global_step": self.state.global_step,
             "history": self.state.history,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
             "callbacks": {type(callback).__name__: callback.state_dict() for callback in self.callbacks},
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+            },
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
@@ -335,16 +421,22 @@ class Trainer:
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
-        self.state.epoch = payload["epoch"]
+        position = payload["position"]
+        # mid-epoch: the loop re-enters the epoch in progress and skips the batches already done
+        self.state.epoch = payload["epoch"] - (1 if position is not None else 0)
+        self._pending_position = position
         self.state.global_step = payload["global_step"]
         self.state.history = list(payload["history"])
         self.state.metrics = self.state.history[-1] if self.state.history else {}
         self.best_metric, self.best_epoch = payload["best_metric"], payload["best_epoch"]
+        self.rollbacks, self.lr_scale = payload["rollbacks"], payload["lr_scale"]
         for callback in self.callbacks:
             saved = payload["callbacks"].get(type(callback).__name__)
             if saved:
                 callback.load_state_dict(saved)
         torch.set_rng_state(payload["rng"]["torch"])
+        if payload["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         random.setstate(payload["rng"]["python"])
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
@@ -355,40 +447,35 @@ class Trainer:
         self.best_metric, self.best_epoch = value, self.state.epoch
         return True
 
-    def _save_checkpoint(self, metrics: dict[str, float]) -> None:
-        is_best = self._is_new_best(metrics)
-        if self.checkpoints is not None:
-            self.checkpoints.save(self.state_dict(), self.state.epoch, is_best=is_best)
+    def _save_checkpoint(self, *, epoch_complete: bool, is_best: bool) -> Path | None:
+        """Save unless the weights are non-finite; a failed save never loses earlier checkpoints."""
+        if self.checkpoints is None:
+            return None
+        if not all_finite(self.model.state_dict()):
+            log.error("not saving a checkpoint at step %d: the weights hold NaN/inf", self.state.global_step)
+            return None
+        step = None if epoch_complete else self.state.global_step
+        try:
+            return self.checkpoints.save(
+                self.state_dict(epoch_complete=epoch_complete), epoch=self.state.epoch, step=step, is_best=is_best
+            )
+        except Exception as exc:  # disk full, permissions, I/O errors: report, keep the old files
+            message = f"could not save a checkpoint at step {self.state.global_step}: {exc}; earlier checkpoints are intact"
+            if self.config.on_save_error == "stop":
+                raise CheckpointError(message) from exc
+            log.error("%s; training continues (--on-save-error stop to stop instead)", message)
+            return None
 
-    # ---------------------------------------------------------------- logging
+    def _stop_if_interrupted(self, checkpoint: Path | None) -> None:
+        if self.interrupt_reason is None:
+            return
+        where = f"saved {checkpoint}" if checkpoint else "no new checkpoint could be saved"
+        raise TrainingInterrupted(
+            f"{self.interrupt_reason}: stopped at optimizer step {self.state.global_step}, {where}",
+            checkpoint=str(checkpoint) if checkpoint else None,
+        )
+
+    # ---------------------------------------------------------------- hooks
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self.state, *args)
-
-    @property
-    def history_path(self) -> Path | None:
-        return self.out_dir / "history.csv" if self.out_dir is not None else None
-
-    def _rewrite_history_file(self) -> None:
-        """Start history.csv afresh (on resume: with the checkpoint's rows only)."""
-        if self.history_path is None:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with self.history_path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.state.history)
-
-    def _append_history_row(self, metrics: dict[str, float]) -> None:
-        if self.history_path is None:
-            return
-        with self.history_path.open("a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore").writerow(metrics)
-
-    def _log_epoch(self, m: dict[str, float]) -> None:
-        val = f" val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else ""
-        log.info(
-            "epoch %d/%d  train_loss %.4f train_acc %.4f%s  lr %.2e  grad_norm %.3f clipped %.0f%%  %.1fs (%.0f samples/s)",
-            m["epoch"], self.config.epochs, m["train_loss"], m["train_accuracy"], val, m["lr"],
-            m["grad_norm"], 100 * m["clip_fraction"], m["epoch_seconds"], m["samples_per_second"],
-        )  # fmt: skip

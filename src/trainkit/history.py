@@ -1,0 +1,95 @@
+"""Per-epoch metrics: accumulated on the device, written to history.csv as training goes."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HISTORY_FIELDS = (
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+    "grad_norm", "clip_fraction", "skipped_steps", "epoch_seconds", "samples_per_second",
+)  # fmt: skip
+SUMS = ("loss_sum", "correct", "grad_norm_sum", "clipped")
+
+
+class EpochMeter:
+    """Running sums kept as device tensors and read back once per epoch (no per-step sync).
+
+    Its state goes into mid-epoch checkpoints, so a resumed epoch reports the same
+    metrics as an uninterrupted one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        for name in SUMS:
+            setattr(self, name, torch.zeros((), device=device, dtype=torch.float64))
+        self.samples = 0
+        self.steps = 0
+        self.skipped = 0
+
+    def add_step(
+        self, loss_sum: torch.Tensor, correct: torch.Tensor, samples: int, grad_norm: torch.Tensor, clipped: torch.Tensor
+    ) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.samples += samples
+        self.grad_norm_sum += grad_norm
+        self.clipped += clipped
+        self.steps += 1
+
+    def results(self) -> dict[str, float]:
+        samples, steps = max(self.samples, 1), max(self.steps, 1)
+        return {
+            "train_loss": self.loss_sum.item() / samples,
+            "train_accuracy": self.correct.item() / samples,
+            "grad_norm": self.grad_norm_sum.item() / steps,
+            "clip_fraction": self.clipped.item() / steps,
+            "skipped_steps": self.skipped,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **{name: getattr(self, name).clone() for name in SUMS},
+            "samples": self.samples,
+            "steps": self.steps,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in SUMS:
+            getattr(self, name).copy_(state[name])
+        self.samples, self.steps, self.skipped = state["samples"], state["steps"], state["skipped"]
+
+
+class HistoryFile:
+    """history.csv: rewritten from the checkpoint's rows on (re)start, then one row per epoch."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def rewrite(self, rows: list[dict[str, float]]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict[str, float]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore").writerow(row)
+
+
+def format_epoch(m: dict[str, float], epochs: int) -> str:
+    val = f" val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else ""
+    skipped = f" skipped {m['skipped_steps']}" if m.get("skipped_steps") else ""
+    return (
+        f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f} train_acc {m['train_accuracy']:.4f}{val}"
+        f"  lr {m['lr']:.2e}  grad_norm {m['grad_norm']:.3f} clipped {100 * m['clip_fraction']:.0f}%{skipped}"
+        f"  {m['epoch_seconds']:.1f}s ({m['samples_per_second']:.0f} samples/s)"
+    )
