@@ -92,3 +92,16 @@ def test_bad_config_file_key(tmp_path, capsys):
     config.write_text("learning_rate = 0.1\n")
     assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == EXIT_USAGE
     assert "unknown setting(s) learning_rate" in capsys.readouterr().err
+
+
+def test_inspect_shows_a_checkpoint_and_flags_a_damaged_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--epochs", "2", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    path = out / "checkpoints" / "epoch-0002.pt"
+    assert main(["inspect", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "verifies (sha256 ok)" in shown and "epoch 2 (end of epoch)" in shown and '"dataset": "synthetic"' in shown
+    path.write_bytes(path.read_bytes()[:-1])
+    assert main(["inspect", str(path)]) == 1
+    assert "FAILS verification" in capsys.readouterr().out

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from trainkit.callbacks import Callback
-from trainkit.checkpoint import load_checkpoint, model_sha256
-from trainkit.errors import ConfigError
+from trainkit.checkpoint import load_checkpoint, model_sha256, verify_checkpoint
+from trainkit.errors import CheckpointError, ConfigError
 from trainkit.run import resume_config, train_run
 
 
@@ -90,3 +90,76 @@ def test_resume_refuses_a_finished_run(synthetic_config):
     train_run(synthetic_config(epochs=1))
     with pytest.raises(ConfigError, match="already finished"):
         train_run(synthetic_config(epochs=1), resume=True)
+
+
+def test_retention_across_a_run_and_best_is_the_best_validation_epoch(synthetic_config, tmp_path):
+    summary = train_run(synthetic_config(epochs=5, patience=0, keep_checkpoints=2, keep_every_epochs=2,
+                                         checkpoint_every_steps=20, lr=3e-3))  # fmt: skip
+    folder = tmp_path / "run" / "checkpoints"
+    # 50 steps/epoch: the newest two are epoch-0005-step-00000240 and epoch-0005.pt
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "best.pt", "epoch-0002.pt", "epoch-0004.pt", "epoch-0005-step-00000240.pt", "epoch-0005.pt"
+    ]  # fmt: skip
+    history = load_checkpoint(folder / "epoch-0005.pt")["history"]
+    best_epoch = min(history, key=lambda row: row["val_loss"])["epoch"]
+    assert load_checkpoint(folder / "best.pt")["epoch"] == best_epoch == summary["best_epoch"]
+
+
+def test_a_failing_save_is_reported_keeps_earlier_checkpoints_and_training_goes_on(
+    synthetic_config, tmp_path, monkeypatch, caplog
+):
+    from trainkit import checkpoint as ckpt
+
+    real_fsync, calls = ckpt.os.fsync, []
+
+    def fsync_failing_from_the_fourth_call(fd):
+        calls.append(fd)
+        if len(calls) >= 4:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(ckpt.os, "fsync", fsync_failing_from_the_fourth_call)
+    summary = train_run(synthetic_config(epochs=3, patience=0))
+    assert summary["epochs_run"] == 3
+    assert "No space left on device" in caplog.text and "earlier checkpoints are intact" in caplog.text
+    folder = tmp_path / "run" / "checkpoints"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["best.pt", "epoch-0001.pt"]
+    assert all(verify_checkpoint(p) is None for p in folder.iterdir())
+
+
+def test_save_error_policy_stop(synthetic_config, monkeypatch):
+    from trainkit import checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(13, "Permission denied")))
+    with pytest.raises(CheckpointError, match="Permission denied"):
+        train_run(synthetic_config(epochs=2, on_save_error="stop"))
+
+
+def crashed_run(synthetic_config, tmp_path):
+    with pytest.raises(RuntimeError):
+        train_run(synthetic_config(epochs=3), extra_callbacks=[CrashAtEpoch(2)])
+    return tmp_path / "run"
+
+
+def test_resume_refuses_a_checkpoint_with_different_settings_naming_them(synthetic_config, tmp_path):
+    out = crashed_run(synthetic_config, tmp_path)
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "lr": 0.5, "dataset": "mnist"}))
+    with pytest.raises(CheckpointError, match=r"dataset: 'synthetic' -> 'mnist'; lr: 0.001 -> 0.5.*--force-resume"):
+        train_run(resume_config(out, {}), resume=True)
+
+
+def test_force_resume_accepts_changed_settings(synthetic_config, tmp_path):
+    out = crashed_run(synthetic_config, tmp_path)
+    summary = train_run(resume_config(out, {"lr": 5e-4}, force=True), resume=True, force_resume=True)
+    assert summary["epochs_run"] == 3
+    assert json.loads((out / "config.json").read_text())["lr"] == 5e-4
+
+
+def test_safetensors_export_holds_the_final_weights(synthetic_config, tmp_path):
+    from safetensors.torch import load_file
+
+    summary = train_run(synthetic_config(epochs=1))
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert model_sha256(weights) == summary["model_sha256"]

@@ -206,3 +206,67 @@ def test_history_has_every_documented_metric():
         assert key in history[0]
     assert [row["epoch"] for row in history] == [1, 2]
     assert history[0]["samples_per_second"] > 0
+
+
+class NaNAtSteps(nn.Module):
+    """Cross-entropy that returns NaN on chosen calls (1-based); counts every call."""
+
+    def __init__(self, bad_calls: set[int] | None = None, from_call: int | None = None) -> None:
+        super().__init__()
+        self.bad_calls, self.from_call, self.calls = bad_calls or set(), from_call, 0
+
+    def forward(self, logits, targets):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(logits, targets)
+        bad = self.calls in self.bad_calls or (self.from_call is not None and self.calls >= self.from_call)
+        return loss * float("nan") if bad else loss
+
+
+def test_skip_policy_drops_the_bad_step_counts_it_and_keeps_training():
+    x, y = toy_data(80)
+    model = toy_model()
+    trainer = Trainer(model, plain_config(batch_size=16, epochs=2, on_nonfinite="skip"), loss_fn=NaNAtSteps({3}))
+    history = trainer.fit(DeviceBatches(x, y, 16))
+    assert [row["skipped_steps"] for row in history] == [1, 0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(torch.tensor(row["train_loss"])) for row in history)
+    assert trainer.state.global_step == 10
+
+
+def test_rollback_policy_reloads_and_halves_the_lr(tmp_path):
+    x, y = toy_data(80)
+    config = plain_config(batch_size=16, epochs=3, on_nonfinite="rollback", schedule="cosine")
+    reference = Trainer(toy_model(), config)
+    reference.fit(DeviceBatches(x, y, 16))
+    # the 8th forward pass (epoch 2, step 3) is NaN once; after the rollback to the end of epoch 1
+    trainer = Trainer(toy_model(), config, out_dir=tmp_path, loss_fn=NaNAtSteps({8}))
+    history = trainer.fit(DeviceBatches(x, y, 16))
+    assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5
+    assert trainer.state.global_step == 15 and len(history) == 3
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * reference.optimizer.param_groups[0]["lr"])
+    assert history[1]["lr"] == pytest.approx(0.5 * reference.state.history[1]["lr"])
+
+
+def test_rollback_without_a_checkpoint_uses_the_starting_state_and_gives_up_after_k():
+    x, y = toy_data(80)
+    config = plain_config(batch_size=16, epochs=2, on_nonfinite="rollback", max_rollbacks=2)
+    trainer = Trainer(toy_model(), config, loss_fn=NaNAtSteps(from_call=4))
+    with pytest.raises(NonFiniteLossError, match="after 2 rollbacks"):
+        trainer.fit(DeviceBatches(x, y, 16))
+    assert trainer.rollbacks == 2 and trainer.lr_scale == 0.25
+
+
+class PoisonWeights(Callback):
+    def on_epoch_end(self, state):
+        if state.epoch == 2:
+            with torch.no_grad():
+                next(state.model.parameters())[0, 0] = float("nan")
+
+
+def test_no_checkpoint_with_non_finite_weights_is_written_and_nan_never_ranks_best(tmp_path):
+    x, y = toy_data(64)
+    trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=2), out_dir=tmp_path, callbacks=[PoisonWeights()])
+    trainer.fit(DeviceBatches(x, y, 16), DeviceBatches(x, y, 64, shuffle=False))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt"]
+    assert not trainer._is_new_best({"val_loss": float("nan")})
+    assert trainer.best_epoch == 1, "epoch 2's weights are NaN, so it cannot be the best"

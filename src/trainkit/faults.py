@@ -1,7 +1,8 @@
 """Named crash points, so tests can SIGKILL a real run at an exact moment.
 
 Inactive (one dict lookup) unless the environment variable ``TRAINKIT_KILL_AT`` is set to
-``POINT:N``: the process then kills itself with SIGKILL the N-th time it reaches ``POINT``.
+``POINT:N``: the process then sends itself SIGKILL (or the signal named by
+``TRAINKIT_KILL_SIGNAL``, e.g. ``TERM``) the N-th time it reaches ``POINT``.
 Points: ``step`` (after an optimizer step), ``validation`` (after a validation batch),
 ``save:temp_written``, ``save:before_rename``, ``save:after_rename``, ``save:retention``.
 A SIGKILL cannot be caught, so this exercises exactly what a preempted machine does.
@@ -25,4 +26,5 @@ def crash_point(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == int(nth):
-        os.kill(os.getpid(), signal.SIGKILL)
+        signum = getattr(signal, "SIG" + os.environ.get("TRAINKIT_KILL_SIGNAL", "KILL"))
+        os.kill(os.getpid(), signum)

@@ -210,7 +210,8 @@ class Trainer:
         self._call("on_epoch_end")
         self.history_file.append(metrics)
         log.info("%s", format_epoch(metrics, self.config.epochs))
-        saved = self._save_checkpoint(epoch_complete=True, is_best=self._is_new_best(metrics))
+        is_best = all_finite(self.model.state_dict()) and self._is_new_best(metrics)  # NaN weights never best
+        saved = self._save_checkpoint(epoch_complete=True, is_best=is_best)
         self._stop_if_interrupted(saved)
 
     def _train_one_epoch(self, train: DeviceBatches) -> None:

@@ -1,0 +1,111 @@
+"""Crash safety end to end: real `trainkit train` subprocesses killed at chosen moments.
+
+Each kill uses ``TRAINKIT_KILL_AT`` (see trainkit.faults): the process sends itself SIGKILL
+(uncatchable, like a preempted machine) at an exact point, so the tests are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainkit.checkpoint import CHECKPOINT_NAME, verify_checkpoint
+from trainkit.cli import EXIT_INTERRUPTED
+
+# synthetic: 3200 training images / batch 64 = 50 optimizer steps per epoch, 3 epochs
+RUN = ["--dataset", "synthetic", "--epochs", "3", "--batch-size", "64", "--device", "cpu",
+       "--dropout", "0.3", "--augment", "1", "--checkpoint-every-steps", "20"]  # fmt: skip
+
+
+def trainkit(out: Path, *extra: str, kill_at: str | None = None, signal_name: str = "KILL"):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_KILL")}
+    if kill_at:
+        env.update(TRAINKIT_KILL_AT=kill_at, TRAINKIT_KILL_SIGNAL=signal_name)
+    return subprocess.run(
+        [sys.executable, "-m", "trainkit", "train", *RUN, "--out", str(out), *extra],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def history_values(out: Path) -> list[list[str]]:
+    lines = (out / "history.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    timing = {header.index("epoch_seconds"), header.index("samples_per_second")}
+    return [[v for i, v in enumerate(line.split(",")) if i not in timing] for line in lines]
+
+
+def final_name_files(out: Path) -> list[Path]:
+    folder = out / "checkpoints"
+    return [p for p in folder.iterdir() if CHECKPOINT_NAME.match(p.name) or p.name == "best.pt"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    result = trainkit(out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+KILL_POINTS = [
+    "step:70",  # mid-epoch 2, ten steps after the step-60 checkpoint
+    "validation:2",  # during the second epoch's validation
+    "save:temp_written:4",  # mid-save: temp file written, not yet verified/renamed
+    "save:before_rename:5",
+    "save:after_rename:3",
+    "save:retention:1",  # while deleting an old checkpoint
+]
+
+
+@pytest.mark.parametrize("kill_at", KILL_POINTS)
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run(kill_at, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    killed = trainkit(out, kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "summary.json").exists()
+    for path in final_name_files(out):
+        assert verify_checkpoint(path) is None, f"{path.name} under a final name fails verification"
+
+    resumed = trainkit(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(out)["model_sha256"] == summary(uninterrupted)["model_sha256"]
+    assert history_values(out) == history_values(uninterrupted)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")], "temp files cleaned up"
+
+
+def test_sigterm_saves_exits_with_the_documented_code_and_resumes_exactly(uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    stopped = trainkit(out, kill_at="step:75", signal_name="TERM")
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    assert "received SIGTERM" in stopped.stderr and "--resume" in stopped.stderr
+    assert (out / "checkpoints" / "epoch-0002-step-00000075.pt").is_file()
+    resumed = trainkit(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(out)["model_sha256"] == summary(uninterrupted)["model_sha256"]
+
+
+@pytest.mark.parametrize("damage", ["truncate-one-byte", "flip-one-byte", "empty"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(damage, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    assert trainkit(out, kill_at="step:70").returncode == -signal.SIGKILL
+    newest = out / "checkpoints" / "epoch-0002-step-00000060.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(
+        {"truncate-one-byte": data[:-1], "flip-one-byte": data[:500] + bytes([data[500] ^ 0x10]) + data[501:],
+         "empty": b""}[damage]  # fmt: skip
+    )
+    resumed = trainkit(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "skipping epoch-0002-step-00000060.pt" in resumed.stderr
+    assert "resuming from" in resumed.stderr and "checkpoints/epoch-0001.pt" in resumed.stderr
+    assert summary(out)["model_sha256"] == summary(uninterrupted)["model_sha256"]
