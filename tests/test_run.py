@@ -6,7 +6,6 @@ import csv
 import json
 
 import pytest
-import torch
 
 from trainkit.callbacks import Callback
 from trainkit.checkpoint import load_checkpoint, model_sha256, verify_checkpoint

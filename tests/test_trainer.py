@@ -12,7 +12,6 @@ from trainkit.callbacks import Callback, TrainState
 from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
 from trainkit.errors import ConfigError, NonFiniteLossError, TrainkitError
-from trainkit.models import mlp
 from trainkit.trainer import Trainer, group_batches
 
 
