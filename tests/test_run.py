@@ -156,9 +156,24 @@ def test_force_resume_accepts_changed_settings(synthetic_config, tmp_path):
     assert json.loads((out / "config.json").read_text())["lr"] == 5e-4
 
 
-def test_safetensors_export_holds_the_final_weights(synthetic_config, tmp_path):
+def test_safetensors_export_holds_the_final_and_the_best_weights(synthetic_config, tmp_path):
     from safetensors.torch import load_file
 
-    summary = train_run(synthetic_config(epochs=1))
-    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
-    assert model_sha256(weights) == summary["model_sha256"]
+    summary = train_run(synthetic_config(epochs=3, patience=0, lr=3e-2))
+    out = tmp_path / "run"
+    assert model_sha256(load_file(str(out / "model.safetensors"))) == summary["model_sha256"]
+    best = load_checkpoint(out / "checkpoints" / "best.pt")["model"]
+    assert model_sha256(load_file(str(out / "best.safetensors"))) == model_sha256(best)
+
+
+def test_numpy_rng_state_round_trips_through_a_checkpoint():
+    import numpy as np
+
+    from trainkit.trainer import numpy_rng_state, set_numpy_rng_state
+
+    np.random.seed(3)
+    state = numpy_rng_state()
+    expected = np.random.rand(5)
+    np.random.rand(7)
+    set_numpy_rng_state(state)
+    assert np.array_equal(np.random.rand(5), expected)

@@ -2,8 +2,8 @@
 
 ``trainkit train`` is a thin wrapper around ``train_run``; Python users can call it too.
 The output directory holds ``config.json`` (resolved), ``history.csv``, ``checkpoints/``,
-``loss.png``/``accuracy.png``/``lr.png``, ``model.safetensors`` (the final weights) and
-``summary.json``.
+``loss.png``/``accuracy.png``/``lr.png``, ``model.safetensors`` (the final weights),
+``best.safetensors`` (the best validation epoch's) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -203,7 +203,9 @@ def train_run(
         history = trainer.fit(train_batches, val_batches, resume_from=resume_state)
 
     test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False))
-    export_safetensors(trainer.model, out_dir / "model.safetensors")
+    export_safetensors(trainer.model.state_dict(), out_dir / "model.safetensors")
+    if trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file():
+        export_safetensors(load_checkpoint(trainer.checkpoints.best_path)["model"], out_dir / "best.safetensors")
     summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
     plot_history(history, out_dir)
     write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -221,10 +223,10 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def export_safetensors(model: nn.Module, path: Path) -> None:
-    """The final weights in safetensors: loadable anywhere without unpickling anything."""
+def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Weights in safetensors: loadable anywhere without unpickling anything."""
     tmp = path.with_name(f".{path.name}.tmp")
-    state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
     save_file(state, str(tmp), metadata={"model_sha256": model_sha256(state)})
     os.replace(tmp, path)
 

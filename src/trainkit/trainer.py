@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -75,6 +76,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU (GradScaler); on CPU use --precision bf16")
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """NumPy's global RNG state as tensors and numbers, so it loads with weights_only=True."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+            "has_gauss": has_gauss, "cached_gaussian": cached}  # fmt: skip
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
 def group_batches(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
@@ -413,6 +426,7 @@ class Trainer:
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "python": random.getstate(),
+                "numpy": numpy_rng_state(),
             },
         }
 
@@ -439,6 +453,7 @@ class Trainer:
         if payload["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
         random.setstate(payload["rng"]["python"])
+        set_numpy_rng_state(payload["rng"]["numpy"])
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
         """Best by the same rule as early stopping (monitor, mode, min_delta), so both agree."""
