@@ -105,3 +105,31 @@ def test_inspect_shows_a_checkpoint_and_flags_a_damaged_one(tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:-1])
     assert main(["inspect", str(path)]) == 1
     assert "FAILS verification" in capsys.readouterr().out
+
+
+def test_schedules_plot(tmp_path, capsys):
+    png = tmp_path / "lr.png"
+    assert main(["schedules", "--plot", str(png), "--schedules", "cosine,onecycle", "--steps", "200"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_find_writes_curve_suggestions_and_plot(tmp_path, capsys):
+    out = tmp_path / "find"
+    assert main(["lr-find", "--dataset", "synthetic", "--device", "cpu", "--num-iter", "60", "--out", str(out)]) == 0
+    found = json.loads((out / "lr_find.json").read_text())
+    assert set(found["suggestions"]) == {"steepest", "minimum_div_10", "valley"}
+    assert found["suggested_lr"] == found["suggestions"]["valley"]
+    assert 1e-7 <= found["suggested_lr"] <= 10
+    assert len(found["lrs"]) == len(found["losses"]) == len(found["smoothed_losses"]) <= 60
+    assert (out / "lr_find.png").stat().st_size > 0
+
+
+def test_train_with_lr_auto_uses_and_records_the_finder_suggestion(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "synthetic", "--epochs", "3", "--device", "cpu", "--lr", "auto", "--out", str(out)]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    found = json.loads((out / "lr_find.json").read_text())
+    assert summary["lr"] == found["suggested_lr"] == summary["lr_finder"]["suggested_lr"]
+    assert json.loads((out / "config.json").read_text())["lr"] == "auto"
+    assert summary["test_accuracy"] > 0.5  # chance is 0.1

@@ -8,6 +8,7 @@ with status 2 and one line naming the problem; a traceback means a trainkit bug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -52,6 +53,15 @@ def int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
 
 
+def float_list(text: str) -> list[float]:
+    return [float(part) for part in text.split(",") if part]
+
+
+def learning_rate(text: str) -> float | str:
+    """A number, or 'auto' to run the LR finder first."""
+    return "auto" if text == "auto" else float(text)
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """Flags default to SUPPRESS so only those the user typed override the config file."""
     add = parser.add_argument
@@ -71,13 +81,23 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--activation", help="relu, gelu, silu, tanh, ... (default relu)")
     flag("--init", help="he, xavier, lecun, orthogonal, gpt, auto, default, ... (default he)")
     flag("--optimizer", choices=OPTIMIZERS, help="(default adamw)")
-    flag("--lr", type=float, help="peak learning rate (default 1e-3)")
+    flag("--lr", type=learning_rate, help="peak learning rate, or auto: run the LR finder first (default 1e-3)")
     flag("--weight-decay", type=float, help="decoupled weight decay on weights only (default 0.01)")
     flag("--momentum", type=float, help="SGD momentum (default 0.9)")
     flag("--batch-size", type=int, help="(default 128)")
     flag("--epochs", type=int, help="maximum epochs; early stopping may end sooner (default: 20 MLP, 12 CNN)")
     flag("--schedule", choices=SCHEDULES, help="(default warmup_cosine)")
-    flag("--warmup", type=float, help="epochs of linear warmup for warmup_cosine (default 1)")
+    flag("--warmup", type=float, help="epochs of linear warmup before the schedule (default 1 for warmup_cosine, else 0)")
+    flag("--min-lr", type=float, help="lr floor of cosine/linear/cosine_restarts/onecycle/plateau (default 0)")
+    flag("--step-epochs", type=float, help="step: epochs between decays (default a third of the run)")
+    flag("--gamma", type=float, help="step/multistep decay factor (default 0.1)")
+    flag("--milestones", type=float_list, help="multistep: epochs at which to decay, comma separated")
+    flag("--pct-start", type=float, help="onecycle: fraction of the run spent rising (default 0.3)")
+    flag("--anneal", choices=("cos", "linear"), help="onecycle: annealing shape (default cos)")
+    flag("--restart-epochs", type=float, help="cosine_restarts: first cycle in epochs (default a quarter of the run)")
+    flag("--restart-mult", type=int, help="cosine_restarts: cycle length multiplier (default 1)")
+    flag("--plateau-patience", type=int, help="plateau: epochs without improvement before lowering (default 2)")
+    flag("--plateau-factor", type=float, help="plateau: lr multiplier (default 0.1)")
     flag("--clip-norm", type=optional_positive, help="clip the gradient norm; 0 = off (default 1.0)")
     flag("--clip-value", type=optional_positive, help="clip each gradient element; 0 = off (default off)")
     flag("--accumulate", type=int, help="micro-batches per optimizer step (default 1)")
@@ -109,12 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     inspect = commands.add_parser("inspect", help="verify a checkpoint and show what it holds")
     inspect.add_argument("checkpoint")
+    finder = commands.add_parser("lr-find", help="LR range test: loss vs lr, suggestions, lr_find.json/.png")
+    add_train_flags(finder)
+    finder.add_argument("--start-lr", type=float, default=1e-7)
+    finder.add_argument("--end-lr", type=float, default=10.0)
+    finder.add_argument("--num-iter", type=int, default=100)
+    schedules = commands.add_parser("schedules", help="plot learning-rate schedules over a run")
+    schedules.add_argument("--plot", required=True, help="output PNG")
+    schedules.add_argument("--schedules", default="constant,step,cosine,warmup_cosine,onecycle,cosine_restarts",
+                           help="comma separated names: " + ", ".join(SCHEDULES))  # fmt: skip
+    schedules.add_argument("--lr", type=float, default=1e-3)
+    schedules.add_argument("--steps", type=int, default=1000, help="optimizer steps in the run")
+    schedules.add_argument("--warmup-steps", type=int, default=100, help="warmup of warmup_cosine")
+    compare = commands.add_parser("compare", help="run a comparison experiment: table + plots")
+    compare.add_argument("experiment", choices=("schedules",))
+    compare.add_argument("--out", required=True)
+    compare.add_argument("--quick", action="store_true", help="tiny budget on synthetic data (seconds)")
+    compare.add_argument("--seeds", type=int_list, default=[0, 1, 2])
+    compare.add_argument("--dataset", default="mnist")
+    compare.add_argument("--data-dir", default=None)
+    compare.add_argument("--model", default="mlp")
     return parser
 
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     """The config file's settings overridden by the flags typed; also returns those flags."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "force_resume")}
+    settings = {field.name for field in dataclasses.fields(TrainConfig)}
+    flags = {key: value for key, value in vars(args).items() if key in settings}
     file_values = load_config_file(args.config) if args.config else {}
     config = config_from_dict({**file_values, **flags}, source=args.config or "flags")
     return config, flags
@@ -144,6 +185,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lr_find(args: argparse.Namespace) -> int:
+    from trainkit.run import lr_find_run
+
+    config, _ = train_config_from_args(args)
+    result = lr_find_run(config, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_schedules(args: argparse.Namespace) -> int:
+    from trainkit.schedules import ScheduleSpec, plot_schedules
+
+    names = [name for name in args.schedules.split(",") if name]
+    specs = [ScheduleSpec(name, warmup_steps=args.warmup_steps if name == "warmup_cosine" else 0) for name in names]
+    path = plot_schedules(specs, args.plot, lr=args.lr, total_steps=args.steps)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from trainkit.experiments import compare_schedules
+
+    compare_schedules(args.out, quick=args.quick, seeds=args.seeds, dataset=args.dataset,
+                      data_dir=args.data_dir, model=args.model)  # fmt: skip
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import load_checkpoint, verify_checkpoint
 
@@ -167,7 +236,14 @@ def run_inspect(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    handlers = {"train": run_train, "evaluate": run_evaluate, "inspect": run_inspect}
+    handlers = {
+        "train": run_train,
+        "evaluate": run_evaluate,
+        "inspect": run_inspect,
+        "lr-find": run_lr_find,
+        "schedules": run_schedules,
+        "compare": run_compare,
+    }
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:

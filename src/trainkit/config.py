@@ -25,7 +25,11 @@ from trainkit.layers import ACTIVATIONS, NORMS
 from trainkit.models import MODEL_NAMES
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
+SCHEDULES = (
+    "constant", "step", "multistep", "exponential", "cosine", "warmup_cosine", "linear",
+    "onecycle", "cosine_restarts", "plateau",
+)  # fmt: skip
+ANNEALS = ("cos", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("min", "max")
 NONFINITE_POLICIES = ("raise", "skip", "rollback")
@@ -57,14 +61,24 @@ class TrainConfig:
     init: str = "he"
     # optimisation
     optimizer: str = "adamw"
-    lr: float = 1e-3
+    lr: float | str = 1e-3  # or "auto": run the LR finder first and use its suggestion
     weight_decay: float = 0.01
     momentum: float = 0.9
     batch_size: int = 128
     eval_batch_size: int = 1024
     epochs: int | None = None  # None: the model's recipe (MODEL_RECIPES)
     schedule: str = "warmup_cosine"
-    warmup: float = 1.0  # epochs of linear warmup (warmup_cosine only)
+    warmup: float | None = None  # epochs of linear warmup before any schedule; None: 1 for warmup_cosine, else 0
+    min_lr: float = 0.0  # floor of cosine / linear / cosine_restarts / onecycle / plateau
+    step_epochs: float | None = None  # step: epochs between decays (None: a third of the run)
+    gamma: float = 0.1  # step / multistep decay factor
+    milestones: list[float] = field(default_factory=list)  # multistep: epochs (empty: 50% and 75%)
+    pct_start: float = 0.3  # onecycle: fraction of the run spent rising
+    anneal: str = "cos"  # onecycle: cos or linear
+    restart_epochs: float | None = None  # cosine_restarts: first cycle length (None: a quarter of the run)
+    restart_mult: int = 1  # cosine_restarts: cycle length multiplier
+    plateau_patience: int = 2  # plateau: epochs without improvement of --monitor before lowering
+    plateau_factor: float = 0.1  # plateau: lr multiplier
     clip_norm: float | None = 1.0
     clip_value: float | None = None
     accumulate: int = 1
@@ -95,7 +109,9 @@ class TrainConfig:
             self,
             epochs=recipe["epochs"] if self.epochs is None else self.epochs,
             augment_shift=recipe["augment_shift"] if self.augment_shift is None else self.augment_shift,
+            warmup=(1.0 if self.schedule == "warmup_cosine" else 0.0) if self.warmup is None else self.warmup,
             hidden=list(self.hidden),
+            milestones=list(self.milestones),
         )
         filled.validate()
         return filled
@@ -113,15 +129,27 @@ class TrainConfig:
         _require_choice("monitor-mode", self.monitor_mode, MODES)
         _require_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _require_choice("on-save-error", self.on_save_error, SAVE_ERROR_POLICIES)
-        _require_positive("lr", self.lr)
+        if self.lr != "auto":
+            _require_positive("lr", self.lr)
+        _require_choice("anneal", self.anneal, ANNEALS)
+        _require_non_negative("min-lr", self.min_lr)
+        for name in ("gamma", "plateau_factor"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.pct_start < 1.0:
+            raise ConfigError(f"--pct-start must be in (0, 1), got {self.pct_start}")
+        for name in ("step_epochs", "restart_epochs"):
+            if getattr(self, name) is not None:
+                _require_positive(name.replace("_", "-"), getattr(self, name))
         _require_non_negative("weight-decay", self.weight_decay)
         _require_non_negative("momentum", self.momentum)
-        _require_non_negative("warmup", self.warmup)
+        if self.warmup is not None:
+            _require_non_negative("warmup", self.warmup)
         _require_non_negative("min-delta", self.min_delta)
-        for name in ("batch_size", "eval_batch_size", "accumulate", "keep_checkpoints"):
+        for name in ("batch_size", "eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult"):
             _require_int_at_least(name, getattr(self, name), 1)
         for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs",
-                     "checkpoint_every_steps", "max_rollbacks"):  # fmt: skip
+                     "checkpoint_every_steps", "max_rollbacks", "plateau_patience"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 0)
         if self.epochs is not None:
             _require_int_at_least("epochs", self.epochs, 1)

@@ -8,6 +8,7 @@ The output directory holds ``config.json`` (resolved), ``history.csv``, ``checkp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,6 +32,8 @@ from trainkit.config import TrainConfig, config_from_dict
 from trainkit.data import DatasetSplits, DeviceBatches, load_dataset
 from trainkit.errors import CheckpointError, ConfigError
 from trainkit.init import init_weights
+from trainkit.lr_finder import lr_find
+from trainkit.optim import build_optimizer
 from trainkit.models import build_model
 from trainkit.plots import plot_history
 from trainkit.trainer import Trainer, autocast_dtype, resolve_device
@@ -183,13 +186,17 @@ def train_run(
 
     seed_everything(config.seed)
     data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
-    fingerprint = data_fingerprint(data)
-    resume_state = checkpoint_to_resume(out_dir, config, fingerprint, device, force=force_resume) if resume else None
     write_atomically(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    model = build_model_from_config(config, data)
+    model = build_model_from_config(config, data).to(device)
     train_batches = DeviceBatches(
         data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
     )
+    finder = None
+    if config.lr == "auto":
+        finder = resolve_auto_lr(config, model, train_batches, out_dir, reuse=resume)
+        config = dataclasses.replace(config, lr=finder["suggested_lr"])
+    fingerprint = data_fingerprint(data)
+    resume_state = checkpoint_to_resume(out_dir, config, fingerprint, device, force=force_resume) if resume else None
     val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False)
     callbacks = [*build_callbacks(config), *extra_callbacks]
     trainer = Trainer(
@@ -207,6 +214,8 @@ def train_run(
     if trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file():
         export_safetensors(load_checkpoint(trainer.checkpoints.best_path)["model"], out_dir / "best.safetensors")
     summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
+    if finder is not None:
+        summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
     plot_history(history, out_dir)
     write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     log.info(
@@ -215,6 +224,47 @@ def train_run(
         summary["epochs_run"], summary["wall_seconds"], out_dir,
     )  # fmt: skip
     return summary
+
+
+def resolve_auto_lr(
+    config: TrainConfig, model: nn.Module, batches: DeviceBatches, out_dir: Path, *, reuse: bool = False,
+    start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
+) -> dict[str, Any]:
+    """Run the LR range test on the training data (leaving no trace) and save lr_find.json/.png.
+
+    ``reuse``: a resumed ``--lr auto`` run takes the suggestion it made the first time.
+    """
+    saved = out_dir / "lr_find.json"
+    if reuse and saved.is_file():
+        return json.loads(saved.read_text())
+    optimizer = build_optimizer(
+        config.optimizer, model, lr=start_lr, weight_decay=config.weight_decay, momentum=config.momentum
+    )
+    result = lr_find(
+        model, optimizer, batches, nn.CrossEntropyLoss(), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
+        accumulate=config.accumulate, precision=config.precision,
+    )  # fmt: skip
+    result.plot(out_dir / "lr_find.png")
+    found = result.to_dict()
+    write_atomically(saved, json.dumps(found, indent=2) + "\n")
+    log.info("lr finder: suggestions %s; using %.3g (%s)", found["suggestions"], found["suggested_lr"], saved)
+    return found
+
+
+def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter: int) -> dict[str, Any]:
+    """`trainkit lr-find`: the range test alone, for the configured model and data."""
+    config = dataclasses.replace(config, lr=1e-3 if config.lr == "auto" else config.lr).resolved()
+    device = resolve_device(config.device)
+    out_dir = Path(config.out) if config.out else Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
+    model = build_model_from_config(config, data).to(device)
+    batches = DeviceBatches(
+        data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
+    )
+    found = resolve_auto_lr(config, model, batches, out_dir, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
+    return {"out": str(out_dir), **{key: found[key] for key in ("suggested_lr", "suggestions", "stopped_early")}}
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -242,11 +292,13 @@ def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, 
         "monitor": trainer.config.monitor,
         "final_weights": "best epoch (restored by early stopping)" if restored else "last epoch",
         "epochs_run": len(history),
+        "optimizer_steps": trainer.state.global_step,
         "stopped_early": trainer.state.stop_requested,
         "skipped_steps": sum(row.get("skipped_steps", 0) for row in history),
         "rollbacks": trainer.rollbacks,
         "wall_seconds": round(wall_seconds, 3),
         "model_sha256": model_sha256(trainer.model),
+        "lr": trainer.config.lr,
         "seed": trainer.config.seed,
         "torch_version": str(torch.__version__),
     }

@@ -40,7 +40,7 @@ from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, Tr
 from trainkit.faults import crash_point
 from trainkit.history import EpochMeter, HistoryFile, format_epoch
 from trainkit.optim import build_optimizer
-from trainkit.schedules import build_scheduler, scale_learning_rate
+from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
 
 log = logging.getLogger("trainkit")
 
@@ -76,6 +76,30 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA GPU (GradScaler); on CPU use --precision bf16")
     return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def schedule_spec(config: TrainConfig, steps_per_epoch: int) -> ScheduleSpec:
+    """The config's schedule in optimizer steps (users think in epochs; schedules run in steps)."""
+
+    def steps(epochs: float | None) -> int | None:
+        return None if epochs is None else max(1, round(epochs * steps_per_epoch))
+
+    warmup = round(config.warmup * steps_per_epoch)
+    return ScheduleSpec(
+        name=config.schedule,
+        warmup_steps=warmup,
+        min_lr=config.min_lr,
+        step_size=steps(config.step_epochs),
+        gamma=config.gamma,
+        milestones=tuple(steps(epoch) - warmup for epoch in config.milestones),  # counted after warmup
+        pct_start=config.pct_start,
+        anneal=config.anneal,
+        restart_steps=steps(config.restart_epochs),
+        restart_mult=config.restart_mult,
+        plateau_patience=config.plateau_patience,
+        plateau_factor=config.plateau_factor,
+        plateau_mode=config.monitor_mode,
+    )
 
 
 def numpy_rng_state() -> dict[str, Any]:
@@ -116,6 +140,8 @@ class Trainer:
         run_info: dict[str, Any] | None = None,
     ) -> None:
         self.config = config.resolved()
+        if self.config.lr == "auto":
+            raise ConfigError("Trainer needs a numeric lr; run trainkit.lr_finder.lr_find first (train_run does)")
         self.device = resolve_device(self.config.device)
         self.amp_dtype = autocast_dtype(self.config.precision, self.device)
         self.model = model.to(self.device)
@@ -168,10 +194,7 @@ class Trainer:
         """
         steps_per_epoch = math.ceil(len(train) / self.config.accumulate)
         self.scheduler = build_scheduler(
-            self.config.schedule,
-            self.optimizer,
-            total_steps=steps_per_epoch * self.config.epochs,
-            warmup_steps=round(self.config.warmup * steps_per_epoch),
+            schedule_spec(self.config, steps_per_epoch), self.optimizer, total_steps=steps_per_epoch * self.config.epochs
         )
         if resume_from is not None:
             payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device)
@@ -221,6 +244,9 @@ class Trainer:
         state.history.append(metrics)
         self._call("on_validation_end")
         self._call("on_epoch_end")
+        step_metric = getattr(self.scheduler, "step_metric", None)  # reduce-on-plateau
+        if step_metric is not None and self.config.monitor in metrics:
+            step_metric(metrics[self.config.monitor])
         self.history_file.append(metrics)
         log.info("%s", format_epoch(metrics, self.config.epochs))
         is_best = all_finite(self.model.state_dict()) and self._is_new_best(metrics)  # NaN weights never best
