@@ -177,3 +177,20 @@ def test_numpy_rng_state_round_trips_through_a_checkpoint():
     np.random.rand(7)
     set_numpy_rng_state(state)
     assert np.array_equal(np.random.rand(5), expected)
+
+
+def test_training_after_the_lr_finder_is_bit_identical_to_training_without_it(synthetic_config, tmp_path, monkeypatch):
+    import trainkit.run as run_module
+
+    plain = train_run(synthetic_config(out=str(tmp_path / "plain"), lr=2e-3))
+    real_finder = run_module.resolve_auto_lr
+
+    def finder_then_the_same_lr(*args, **kwargs):
+        found = real_finder(*args, **kwargs)  # the sweep really runs on the model about to be trained
+        assert len(found["lrs"]) > 10
+        return {**found, "suggested_lr": 2e-3}
+
+    monkeypatch.setattr(run_module, "resolve_auto_lr", finder_then_the_same_lr)
+    after_finder = train_run(synthetic_config(out=str(tmp_path / "finder"), lr="auto"))
+    assert after_finder["lr"] == 2e-3
+    assert after_finder["model_sha256"] == plain["model_sha256"]
