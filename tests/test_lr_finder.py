@@ -265,7 +265,11 @@ def test_divergence_stops_early_and_suggestions_stay_below_it(data):
     for name, lr in result.suggestions.items():
         assert start_lr <= lr <= end_lr, name
         assert lr < diverged_at, name
-    assert result.suggested_lr == result.suggestions["valley"]
+    assert result.suggested_lr == result.suggestions["minimum_div_10"]
+    second = make_model()
+    other = lr_find(second, make_optimizer(second), batches_of(data), nn.CrossEntropyLoss(),
+                    start_lr=start_lr, end_lr=end_lr, num_iter=100, rule="valley")  # fmt: skip
+    assert other.suggested_lr == other.suggestions["valley"]
 
 
 def test_a_rising_finite_loss_stops_the_sweep_at_the_diverge_factor(data):

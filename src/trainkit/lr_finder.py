@@ -23,8 +23,9 @@ which show the divergence rather than the useful range, are ignored)
                         (most negative ``np.gradient`` w.r.t. log10(lr)), skipping the
                         noisy first 10% of points; the classic recipe.
     ``minimum_div_10``  the lr of the lowest smoothed loss, divided by 10: the minimum
-                        itself is already too close to divergence.
-    ``valley``          fastai's rule, the default pick: the longest valley is the longest
+                        itself is already too close to divergence (Smith's rule; the
+                        default pick, see ``lr_find(rule=...)``).
+    ``valley``          fastai's rule: the longest valley is the longest
                         decreasing subsequence of the smoothed loss; the suggestion is the
                         point in the middle of its middle third (index
                         ``start + int(span / 3) + int(span / 6)``, i.e. about halfway down).
@@ -135,6 +136,8 @@ class LRFinderResult:
 
 # ------------------------------------------------------------------------------ the sweep
 
+SUGGESTION_RULES = ("minimum_div_10", "steepest", "valley")
+
 
 def lr_find(
     model: nn.Module,
@@ -151,8 +154,12 @@ def lr_find(
     accumulate: int = 1,
     precision: str = "fp32",
     device: torch.device | str | None = None,
+    rule: str = "minimum_div_10",
 ) -> LRFinderResult:
     """Run the LR range test and suggest a learning rate; the model and optimizer end as they began.
+
+    ``rule`` picks ``suggested_lr`` among the suggestions. The default, Smith's "minimum / 10",
+    measured best of the three for the default MNIST MLP (docs/lr_finder.md).
 
     Step ``i`` of ``num_iter`` sets every param group's lr to ``sweep_lrs(...)[i]`` and makes
     one optimizer step over ``accumulate`` micro-batches (each micro-batch's mean loss weighted
@@ -165,6 +172,8 @@ def lr_find(
     Gradients are ``None`` afterwards; everything else is restored (see the module docstring).
     """
     check_finder_args(start_lr, end_lr, num_iter, mode, smooth, diverge_factor, accumulate, precision)
+    if rule not in SUGGESTION_RULES:
+        raise ConfigError(f"rule must be one of {', '.join(SUGGESTION_RULES)}; got {rule!r}")
     device = _resolve_device(model, device)
     amp_dtype = _autocast_dtype(precision, device)
     lrs = sweep_lrs(start_lr, end_lr, num_iter, mode)
@@ -191,7 +200,7 @@ def lr_find(
         losses=sweep.losses,
         smoothed_losses=sweep.smoothed,
         suggestions=suggestions,
-        suggested_lr=suggestions["valley"],
+        suggested_lr=suggestions[rule],
         stopped_early=sweep.stopped_early,
     )
 
