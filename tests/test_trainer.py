@@ -269,3 +269,14 @@ def test_no_checkpoint_with_non_finite_weights_is_written_and_nan_never_ranks_be
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt"]
     assert not trainer._is_new_best({"val_loss": float("nan")})
     assert trainer.best_epoch == 1, "epoch 2's weights are NaN, so it cannot be the best"
+
+
+def test_trainer_lr_find_uses_its_model_and_leaves_no_trace():
+    x, y = toy_data(256)
+    model = toy_model()
+    trainer = Trainer(model, plain_config(batch_size=32, optimizer="adamw", lr=1e-3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trainer.lr_find(DeviceBatches(x, y, 32), num_iter=30, end_lr=1.0)
+    assert len(result.lrs) >= 5 and 1e-7 <= result.suggested_lr <= 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-3

@@ -39,6 +39,7 @@ from trainkit.data import DeviceBatches
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.faults import crash_point
 from trainkit.history import EpochMeter, HistoryFile, format_epoch
+from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.optim import build_optimizer
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
 
@@ -216,6 +217,14 @@ class Trainer:
         self._call("on_fit_end")
         self.model.eval()
         return self.state.history
+
+    def lr_find(self, train: DeviceBatches, **options: Any) -> LRFinderResult:
+        """LR range test on this trainer's model, optimizer, loss, accumulation and precision.
+
+        Leaves no trace (see trainkit.lr_finder); build a new Trainer with the suggested lr.
+        """
+        return lr_find(self.model, self.optimizer, train, self.loss_fn, accumulate=self.config.accumulate,
+                       precision=self.config.precision, **options)  # fmt: skip
 
     def request_interrupt(self, reason: str) -> None:
         """Ask for a clean stop: finish the current step, save a checkpoint, raise TrainingInterrupted.
