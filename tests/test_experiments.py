@@ -35,7 +35,7 @@ def test_quick_schedule_comparison_writes_every_cell_and_reuses_the_cache(tmp_pa
 
 def test_a_changed_config_invalidates_the_cached_cell(tmp_path, caplog):
     from trainkit.config import TrainConfig
-    from trainkit.experiments import Cell, run_cells
+    from trainkit.experiments.core import Cell, run_cells
 
     calls = []
 

@@ -222,3 +222,12 @@ def test_model_activation():
     assert model_activation(residual_mlp(width=8, depth=1, activation="selu")) == "selu"
     assert model_activation(cnn(activation="leaky_relu")) == "leaky_relu"
     assert model_activation(nn.Linear(3, 3)) is None
+
+
+def test_mlp_norm_after_dropout_reorders_each_block():
+    from torch import nn as tnn
+
+    default = [type(m) for m in mlp(hidden=(8,), dropout=0.5)]
+    reordered = [type(m) for m in mlp(hidden=(8,), dropout=0.5, norm_after_dropout=True)]
+    assert default == [tnn.Flatten, tnn.Linear, tnn.BatchNorm1d, tnn.ReLU, tnn.Dropout, tnn.Linear]
+    assert reordered == [tnn.Flatten, tnn.Linear, tnn.ReLU, tnn.Dropout, tnn.BatchNorm1d, tnn.Linear]

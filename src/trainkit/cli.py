@@ -33,6 +33,7 @@ EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
 EXIT_INTERRUPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; continue with --resume (EX_TEMPFAIL)
 EXIT_UNVERIFIED = 1  # trainkit inspect: the checkpoint fails verification
+COMPARISONS = ("schedules", "init", "norm", "regularization")  # modules of trainkit.experiments
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -73,11 +74,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--dataset", help="mnist, fashion-mnist or synthetic (default mnist)")
     flag("--data-dir", help="folder with the IDX files (default: $TRAINKIT_DATA_DIR, then the cache, then download)")
     flag("--val-size", type=int, help="training images held out for validation (default 5000)")
+    flag("--train-size", type=int, help="train on only the first N training images (default: all)")
     flag("--augment", dest="augment_shift", type=int, help="random shifts of up to N pixels (default: 0 MLP, 2 CNN)")
     flag("--model", help="mlp, residual_mlp or cnn (default mlp: 784-256-128-10)")
     flag("--hidden", type=int_list, help="MLP hidden widths, comma separated (default 256,128)")
     flag("--norm", help="batch, layer, group or none (default batch)")
     flag("--dropout", type=float, help="dropout rate (default 0.3)")
+    flag("--drop-path", type=float, help="residual_mlp: stochastic depth rate of the last block (default 0)")
     flag("--activation", help="relu, gelu, silu, tanh, ... (default relu)")
     flag("--init", help="he, xavier, lecun, orthogonal, gpt, auto, default, ... (default he)")
     flag("--optimizer", choices=OPTIMIZERS, help="(default adamw)")
@@ -142,13 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     schedules.add_argument("--steps", type=int, default=1000, help="optimizer steps in the run")
     schedules.add_argument("--warmup-steps", type=int, default=100, help="warmup of warmup_cosine")
     compare = commands.add_parser("compare", help="run a comparison experiment: table + plots")
-    compare.add_argument("experiment", choices=("schedules",))
+    compare.add_argument("experiment", choices=COMPARISONS)
     compare.add_argument("--out", required=True)
     compare.add_argument("--quick", action="store_true", help="tiny budget on synthetic data (seconds)")
-    compare.add_argument("--seeds", type=int_list, default=[0, 1, 2])
+    compare.add_argument("--seeds", type=int_list, default=None, help="default: each comparison's own")
     compare.add_argument("--dataset", default="mnist")
     compare.add_argument("--data-dir", default=None)
-    compare.add_argument("--model", default="mlp")
     return parser
 
 
@@ -205,10 +207,12 @@ def run_schedules(args: argparse.Namespace) -> int:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from trainkit.experiments import compare_schedules
+    import importlib
 
-    compare_schedules(args.out, quick=args.quick, seeds=args.seeds, dataset=args.dataset,
-                      data_dir=args.data_dir, model=args.model)  # fmt: skip
+    module = importlib.import_module(f"trainkit.experiments.{args.experiment}")
+    compare = getattr(module, f"compare_{args.experiment}")
+    seeds = {"seeds": args.seeds} if args.seeds is not None else {}
+    compare(args.out, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir, **seeds)
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
 

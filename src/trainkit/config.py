@@ -52,11 +52,14 @@ class TrainConfig:
     dataset: str = "mnist"
     data_dir: str | None = None
     val_size: int = 5000
+    train_size: int | None = None  # use only the first N training images (experiments on a budget)
     augment_shift: int | None = None  # None: the model's recipe (MODEL_RECIPES)
     # model
     model: str = "mlp"
     norm: str = "batch"
     dropout: float = 0.3
+    drop_path: float = 0.0  # stochastic depth of residual_mlp's blocks
+    norm_after_dropout: bool = False  # MLP block order Linear-act-Dropout-norm instead of Linear-norm-act-Dropout
     activation: str = "relu"
     init: str = "he"
     # optimisation
@@ -155,6 +158,10 @@ class TrainConfig:
             _require_int_at_least("epochs", self.epochs, 1)
         if not 0.0 < self.rollback_lr_factor < 1.0:
             raise ConfigError(f"--rollback-lr-factor must be in (0, 1), got {self.rollback_lr_factor}")
+        if self.train_size is not None:
+            _require_int_at_least("train_size", self.train_size, 1)
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.clip_norm is not None:

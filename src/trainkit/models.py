@@ -60,10 +60,13 @@ def mlp(
     norm: str = "batch",
     dropout: float = 0.0,
     activation: str = "relu",
+    norm_after_dropout: bool = False,
 ) -> nn.Sequential:
     """Plain MLP: Flatten, then Linear → norm → activation → [Dropout] per hidden width, then a Linear head.
 
     The defaults are the production MNIST MLP 784-256-128-10 with BatchNorm.
+    ``norm_after_dropout`` builds Linear → activation → [Dropout] → norm instead: the placement
+    whose train/eval variance shift the regularisation experiment measures.
     """
     _check_positive("in_features", in_features)
     _check_positive("num_classes", num_classes)
@@ -75,12 +78,11 @@ def mlp(
     layers: list[nn.Module] = [nn.Flatten()]
     width_in = in_features
     for width in hidden:
-        layers += [
-            nn.Linear(width_in, width),
-            norm_layer(norm, width, spatial=False),
-            activation_layer(activation),
-            *_dropout_layers(dropout),
-        ]
+        if norm_after_dropout:
+            block = [activation_layer(activation), *_dropout_layers(dropout), norm_layer(norm, width, spatial=False)]
+        else:
+            block = [norm_layer(norm, width, spatial=False), activation_layer(activation), *_dropout_layers(dropout)]
+        layers += [nn.Linear(width_in, width), *block]
         width_in = width
     layers.append(nn.Linear(width_in, num_classes))
     return nn.Sequential(*layers)
@@ -208,7 +210,7 @@ def cnn(
 MODEL_NAMES: tuple[str, ...] = ("mlp", "residual_mlp", "cnn")
 
 _MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
-    "mlp": ("hidden", "norm", "dropout", "activation"),
+    "mlp": ("hidden", "norm", "dropout", "activation", "norm_after_dropout"),
     "residual_mlp": ("width", "depth", "norm", "dropout", "activation", "drop_path"),
     "cnn": ("channels", "norm", "dropout", "activation"),
 }

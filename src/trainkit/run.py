@@ -29,7 +29,7 @@ from torch import nn
 from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import CheckpointDir, load_checkpoint, model_sha256
 from trainkit.config import TrainConfig, config_from_dict
-from trainkit.data import DatasetSplits, DeviceBatches, load_dataset
+from trainkit.data import DatasetSplits, DeviceBatches, TensorSplit, load_dataset
 from trainkit.errors import CheckpointError, ConfigError
 from trainkit.init import init_weights
 from trainkit.lr_finder import lr_find
@@ -59,8 +59,20 @@ def build_model_from_config(config: TrainConfig, data: DatasetSplits) -> nn.Modu
     options: dict[str, Any] = {"norm": config.norm, "dropout": config.dropout, "activation": config.activation}
     if config.model == "mlp":
         options["hidden"] = tuple(config.hidden)
+        if config.norm_after_dropout:
+            options["norm_after_dropout"] = True
+    if config.model == "residual_mlp":
+        options["drop_path"] = config.drop_path
     model = build_model(config.model, data.input_shape, data.num_classes, **options)
     return init_weights(model, config.init)
+
+
+def load_training_data(config: TrainConfig, device: torch.device) -> DatasetSplits:
+    """The configured dataset and split; ``train_size`` keeps only the first N training images."""
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
+    if config.train_size is not None and config.train_size < len(data.train):
+        data.train = TensorSplit(data.train.x[: config.train_size], data.train.y[: config.train_size])
+    return data
 
 
 def build_callbacks(config: TrainConfig) -> list[Callback]:
@@ -185,7 +197,7 @@ def train_run(
     prepare_out_dir(out_dir, resume)
 
     seed_everything(config.seed)
-    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
+    data = load_training_data(config, device)
     write_atomically(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     model = build_model_from_config(config, data).to(device)
     train_batches = DeviceBatches(
@@ -258,7 +270,7 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
     out_dir = Path(config.out) if config.out else Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
-    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
+    data = load_training_data(config, device)
     model = build_model_from_config(config, data).to(device)
     batches = DeviceBatches(
         data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
