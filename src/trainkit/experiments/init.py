@@ -91,9 +91,7 @@ def compare_init(
     write_csv(out_dir / "results.csv", rows)
     plot_init_profiles(results, activations, "activation_std", out_dir / "init_activation_std.png")
     plot_init_profiles(results, activations, "grad_norm", out_dir / "init_grad_norm.png")
-    trained = [result for result in results if not result["diverged"]]
-    if trained:
-        plot_val_accuracy(trained, out_dir / "val_accuracy.png")
+    plot_val_accuracy_per_activation(results, activations, out_dir)
     write_init_report(out_dir / "report.md", base, rows, seeds, steps_for_loss)
     return rows
 
@@ -187,8 +185,8 @@ def init_row(result: dict[str, Any]) -> dict[str, Any]:
         "init": config["init"],
         "seed": config["seed"],
         "init_last_std": signal.activation_layers()[-1].activation_std,
-        "init_min_grad_norm": min(grad_norms),
-        "init_max_grad_norm": max(grad_norms),
+        "init_min_grad_norm": float(np.min(grad_norms)),  # NaN if any is NaN
+        "init_max_grad_norm": float(np.max(grad_norms)),
         "dead_fraction": float(np.mean(dead)) if dead else "",  # over the ReLU layers; empty for tanh
         "loss_at_steps": "" if result["loss_at_steps"] is None else result["loss_at_steps"],
         "best_val_accuracy": max(row["val_accuracy"] for row in result["history"]) if trained else "",
@@ -215,7 +213,7 @@ def init_summary_table(rows: list[dict[str, Any]]) -> str:
         "|---" * (len(SUMMARY_COLUMNS) + 4) + "|",
     ]
     for (activation, scheme), members in groups.items():
-        diverged = sum(bool(member["diverged"]) for member in members)
+        diverged = sum(member["diverged"] for member in members)
         cells = [mean_std_significant([float(m[c]) for m in members if m[c] != ""]) for c in SUMMARY_COLUMNS]
         lines.append(f"| {activation} | {scheme} | {len(members)} | {diverged} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -262,10 +260,23 @@ def plot_init_profiles(results: list[dict[str, Any]], activations: Sequence[str]
     plt.close(fig)
 
 
+def plot_val_accuracy_per_activation(results: list[dict[str, Any]], activations: Sequence[str], out_dir: Path) -> None:
+    """``val_accuracy_<activation>.png``: one file per activation keeps each plot to six distinct lines."""
+    for activation in activations:
+        trained = [r for r in results if r["config"]["activation"] == activation and not r["diverged"]]
+        if trained:
+            plot_val_accuracy(trained, out_dir / f"val_accuracy_{activation}.png")
+
+
 def write_init_report(
     path: Path, base: TrainConfig, rows: list[dict[str, Any]], seeds: Sequence[int], steps_for_loss: int
 ) -> None:
+    """report.md: the setup, what each column means, the table, the diverged runs and the plots."""
     diverged = [f"{row['activation']} {row['init']} seed {row['seed']}" for row in rows if row["diverged"]]
+    accuracy_plots = "\n\n".join(
+        f"![validation accuracy per epoch, {activation}](val_accuracy_{activation}.png)"
+        for activation in dict.fromkeys(row["activation"] for row in rows)
+    )
     training_images = f"the first {base.train_size}" if base.train_size else "all"
     text = f"""# Initialisation comparison
 
@@ -289,7 +300,7 @@ Diverged runs: {", ".join(diverged) if diverged else "none"}.
 
 ![weight gradient norm at init per layer](init_grad_norm.png)
 
-![validation accuracy per epoch](val_accuracy.png)
+{accuracy_plots}
 
 Per-run rows: `results.csv`; per-run outputs: `runs/<activation>-<init>-seed<N>-loss<steps>/`.
 """
