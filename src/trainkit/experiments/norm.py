@@ -46,7 +46,7 @@ BASE_LR = 1e-3  # AdamW's production lr, tuned at batch 128
 # Full-mode budget, measured on the project's 2-core CPU: batch 8 means many small steps,
 # so the CNN (about 10x the MLP's cost per image) gets fewer images than the MLP.
 FULL_EPOCHS = 2
-FULL_TRAIN_SIZE = {"mlp": 10_000, "cnn": 3_000}
+FULL_TRAIN_SIZE = {"mlp": 10_000, "cnn": 5_000}
 
 
 # ------------------------------------------------------------------------ cells
@@ -69,26 +69,27 @@ def norm_base_config(model: str, *, quick: bool, dataset: str, data_dir: str | N
     No dropout and no augmentation, so the norm layer is the only thing that behaves
     differently in training and evaluation.
     """
-    same_for_all = dict(model=model, dropout=0.0, augment_shift=0, patience=0, lr=BASE_LR, warmup=0.2)
+    same_for_all = {"model": model, "dropout": 0.0, "augment_shift": 0, "patience": 0, "lr": BASE_LR, "warmup": 0.2}
     if quick:
-        return TrainConfig(dataset="synthetic", train_size=256, val_size=500, epochs=1, hidden=[64],
+        return TrainConfig(dataset="synthetic", train_size=256, val_size=200, epochs=1, hidden=[64],
                            device="cpu", **same_for_all).resolved()  # fmt: skip
     return TrainConfig(dataset=dataset, data_dir=data_dir, train_size=FULL_TRAIN_SIZE[model],
                        epochs=FULL_EPOCHS, **same_for_all).resolved()  # fmt: skip
 
 
-def norm_cells(
-    bases: dict[str, TrainConfig], seeds: Sequence[int], *, base_batch: int, lr_scaling: str
-) -> list[Cell]:
+def norm_cells(bases: dict[str, TrainConfig], seeds: Sequence[int], *, base_batch: int, lr_scaling: str) -> list[Cell]:
     """Every (model, norm, batch size, seed), the lr scaled from ``base_batch`` by ``lr_scaling``."""
     return [
         Cell(
             key=f"{model}-{norm}-bs{batch_size}-seed{seed}",
             group=f"{model}-{norm}",
             config=dataclasses.replace(
-                base, norm=norm, batch_size=batch_size, seed=seed,
+                base,
+                norm=norm,
+                batch_size=batch_size,
+                seed=seed,
                 lr=scaled_lr(base.lr, batch_size, base_batch, lr_scaling),
-            ),  # fmt: skip
+            ),
         )
         for model, base in bases.items()
         for norm in NORMS_BY_MODEL[model]
@@ -110,7 +111,9 @@ def compare_norm(
     """Train every norm at every batch size; write results.csv, report.md, plots and the pitfall."""
     out_dir = Path(out_dir)
     scaled_lr(BASE_LR, base_batch, base_batch, lr_scaling)  # reject an unknown rule before training
-    bases = {model: norm_base_config(model, quick=quick, dataset=dataset, data_dir=data_dir) for model in NORMS_BY_MODEL}
+    bases = {
+        model: norm_base_config(model, quick=quick, dataset=dataset, data_dir=data_dir) for model in NORMS_BY_MODEL
+    }
     seeds = seeds[:1] if quick else seeds
     cells = norm_cells(bases, seeds, base_batch=base_batch, lr_scaling=lr_scaling)
     results = run_cells(cells, out_dir, lambda cell: train_cell(cell, out_dir))
@@ -118,13 +121,7 @@ def compare_norm(
     write_csv(out_dir / "results.csv", rows)
     plot_by_batch_size(rows, "test_accuracy", "test accuracy", out_dir / "accuracy_vs_batch_size.png")
     plot_by_batch_size(rows, "wall_seconds", "wall seconds per run", out_dir / "wall_seconds_vs_batch_size.png")
-    pitfall = [
-        pitfall_for_cell(result, out_dir)
-        for result in results
-        if result["config"]["norm"] == "batch"
-        and result["config"]["batch_size"] == closest_batch_size(base_batch)
-        and result["config"]["seed"] == seeds[0]
-    ]
+    pitfall = [pitfall_for_cell(result, out_dir) for result in batchnorm_results(results, base_batch, seeds[0])]
     (out_dir / "eval_mode_pitfall.json").write_text(json.dumps(pitfall, indent=2) + "\n")
     write_norm_report(out_dir / "report.md", bases, rows, pitfall, seeds=seeds, base_batch=base_batch,
                       lr_scaling=lr_scaling)  # fmt: skip
@@ -133,6 +130,15 @@ def compare_norm(
 
 def closest_batch_size(batch_size: int) -> int:
     return min(BATCH_SIZES, key=lambda size: abs(size - batch_size))
+
+
+def batchnorm_results(results: list[dict[str, Any]], base_batch: int, seed: int) -> list[dict[str, Any]]:
+    """The BatchNorm cell of each model at the base batch size: the eval-mode pitfall's subjects."""
+    return [
+        result for result in results
+        if (result["config"]["norm"], result["config"]["batch_size"], result["config"]["seed"])
+        == ("batch", closest_batch_size(base_batch), seed)
+    ]  # fmt: skip
 
 
 def norm_row(result: dict[str, Any]) -> dict[str, Any]:

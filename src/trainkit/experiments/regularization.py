@@ -19,7 +19,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trainkit.config import TrainConfig  # noqa: E402
-from trainkit.experiments.core import Cell, plot_val_accuracy, run_cells, summary_table, train_cell, write_csv  # noqa: E402
+from trainkit.experiments.core import (  # noqa: E402
+    Cell,
+    plot_val_accuracy,
+    run_cells,
+    summary_table,
+    train_cell,
+    write_csv,
+)
 
 # Variant name -> what differs from the base config (MLP, BatchNorm, weight decay 0.01).
 # Each run appears once: the default block order at dropout 0.3 is the "dropout-0.3" variant,
@@ -61,7 +68,7 @@ TABLE_COLUMNS = ("train_accuracy", "val_accuracy", "gap", "best_val_accuracy", "
 def regularization_base_config(*, quick: bool, dataset: str, data_dir: str | None) -> TrainConfig:
     """A budget in which the unregularised MLP overfits; equal for every variant (no early stopping)."""
     if quick:
-        return TrainConfig(dataset="synthetic", model="mlp", hidden=[64], train_size=256, val_size=500,
+        return TrainConfig(dataset="synthetic", model="mlp", hidden=[64], train_size=256, val_size=200,
                            epochs=2, patience=0, device="cpu").resolved()  # fmt: skip
     return TrainConfig(dataset=dataset, data_dir=data_dir, model="mlp", train_size=10_000, epochs=10,
                        patience=0).resolved()  # fmt: skip
