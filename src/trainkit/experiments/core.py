@@ -69,12 +69,24 @@ def read_history(path: Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(handle)]
 
 
-def mean_std(values: Sequence[float]) -> str:
+def mean_std(values: Sequence[float], value_format: str = ".4f", spread_format: str = ".4f") -> str:
+    """'mean ± sample std' over seeds ('–' for none, the value alone for one)."""
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        return f"{values[0]:{value_format}}"
+    return f"{statistics.mean(values):{value_format}} ± {statistics.stdev(values):{spread_format}}"
+
+
+def finish_plot(fig: Any, ax: Any, path: Path, *, xlabel: str, ylabel: str) -> None:
+    """Label, legend, grid and save a one-axes figure, then free it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -110,10 +122,4 @@ def plot_val_accuracy(results: list[dict[str, Any]], path: Path) -> None:
         length = min(len(curve) for curve in curves)
         mean = [statistics.mean(curve[i] for curve in curves) for i in range(length)]
         ax.plot(range(1, length + 1), mean, marker="o", markersize=3, label=group)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy (mean over seeds)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_plot(fig, ax, path, xlabel="epoch", ylabel="validation accuracy (mean over seeds)")

@@ -28,7 +28,7 @@ from trainkit.callbacks import Callback, TrainState  # noqa: E402
 from trainkit.config import TrainConfig  # noqa: E402
 from trainkit.diagnostics import Diagnostics, LayerStats, signal_diagnostics  # noqa: E402
 from trainkit.errors import NonFiniteLossError  # noqa: E402
-from trainkit.experiments.core import Cell, plot_val_accuracy, read_history, run_cells, write_csv  # noqa: E402
+from trainkit.experiments.core import Cell, mean_std, plot_val_accuracy, read_history, run_cells, write_csv  # noqa: E402
 from trainkit.run import build_model_from_config, load_training_data, seed_everything, train_run  # noqa: E402
 
 log = logging.getLogger("trainkit")
@@ -220,11 +220,8 @@ def init_summary_table(rows: list[dict[str, Any]]) -> str:
 
 
 def mean_std_significant(values: Sequence[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
-    return f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}"
+    """mean ± std with significant digits: init statistics span 1e-2 to 1e13."""
+    return mean_std(values, value_format=".4g", spread_format=".2g")
 
 
 def layer_profile(result: dict[str, Any], field: str) -> list[float]:

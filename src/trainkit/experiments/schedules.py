@@ -13,7 +13,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trainkit.config import TrainConfig  # noqa: E402
-from trainkit.experiments.core import Cell, plot_val_accuracy, run_cells, summary_table, train_cell, write_csv  # noqa: E402
+from trainkit.experiments.core import (  # noqa: E402
+    Cell,
+    finish_plot,
+    plot_val_accuracy,
+    run_cells,
+    summary_table,
+    train_cell,
+    write_csv,
+)
 from trainkit.schedules import lr_curve  # noqa: E402
 from trainkit.trainer import schedule_spec  # noqa: E402
 
@@ -83,13 +91,7 @@ def plot_schedule_lrs(base: TrainConfig, steps_per_epoch: int, path: Path) -> No
     for name in COMPARED_SCHEDULES:
         spec = schedule_spec(dataclasses.replace(base, schedule=name, warmup=None).resolved(), steps_per_epoch)
         ax.plot(lr_curve(spec, lr=base.lr, total_steps=steps_per_epoch * base.epochs), label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("learning rate")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_plot(fig, ax, path, xlabel="optimizer step", ylabel="learning rate")
 
 
 def write_schedule_report(path: Path, base: TrainConfig, rows: list[dict], seeds: Sequence[int], target: float) -> None:
