@@ -91,13 +91,14 @@ def test_a_rerun_skips_finished_cells_and_reproduces_the_rows(quick_run, tmp_pat
     assert strip(again) == strip(quick_run[1]), "the re-run cell reproduces its numbers"
 
 
-def test_lr_scaling_rules():
+def test_lr_scaling_rules(tmp_path):
     assert scaled_lr(1e-3, 512, 128, "sqrt") == pytest.approx(2e-3)
     assert scaled_lr(1e-3, 8, 128, "sqrt") == pytest.approx(2.5e-4)
     assert scaled_lr(1e-3, 512, 128, "linear") == pytest.approx(4e-3)
     assert scaled_lr(1e-3, 8, 128, "none") == 1e-3
     with pytest.raises(ConfigError, match="lr_scaling"):
-        compare_norm("unused", quick=True, lr_scaling="cubic")
+        compare_norm(tmp_path, quick=True, lr_scaling="cubic")
+    assert not (tmp_path / "cells").exists(), "rejected before any training"
 
 
 @pytest.fixture(scope="module")

@@ -43,8 +43,9 @@ NORMS_BY_MODEL: dict[str, tuple[str, ...]] = {
 LR_SCALINGS = ("sqrt", "linear", "none")
 BASE_LR = 1e-3  # AdamW's production lr, tuned at batch 128
 
-# Full-mode budget, measured on the project's 2-core CPU: batch 8 means many small steps,
-# so the CNN (about 10x the MLP's cost per image) gets fewer images than the MLP.
+# Full-mode budget for the project's 2-core CPU, where batch 8 means many small steps. Measured
+# on an idle machine: an MLP cell takes 1-7 s, a CNN cell on half the images 10-16 s (its
+# validation and test passes are much of that); the whole grid with one seed about 4 minutes.
 FULL_EPOCHS = 2
 FULL_TRAIN_SIZE = {"mlp": 10_000, "cnn": 5_000}
 
@@ -218,7 +219,7 @@ def values_by_cell(rows: list[dict[str, Any]], column: str) -> dict[tuple[str, s
     return grouped
 
 
-def batch_size_table(rows: list[dict[str, Any]], column: str) -> str:
+def batch_size_table(rows: list[dict[str, Any]], column: str, value_format: str = ".4f") -> str:
     """Markdown: one line per (model, norm), one column per batch size, mean ± std over seeds."""
     values = values_by_cell(rows, column)
     lines = [
@@ -227,7 +228,7 @@ def batch_size_table(rows: list[dict[str, Any]], column: str) -> str:
     ]
     for model, norms in NORMS_BY_MODEL.items():
         for norm in norms:
-            cells = [mean_std(values.get((model, norm, size), [])) for size in BATCH_SIZES]
+            cells = [mean_std(values.get((model, norm, size), []), value_format, value_format) for size in BATCH_SIZES]
             lines.append(f"| {model} | {norm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -293,7 +294,7 @@ Test accuracy is measured once, after the last epoch. Training time of all cells
 
 ## Wall seconds per run
 
-{batch_size_table(rows, "wall_seconds")}
+{batch_size_table(rows, "wall_seconds", ".1f")}
 
 ![wall seconds against batch size](wall_seconds_vs_batch_size.png)
 

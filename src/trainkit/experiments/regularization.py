@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from trainkit.config import TrainConfig  # noqa: E402
 from trainkit.experiments.core import (  # noqa: E402
     Cell,
+    finish_plot,
     plot_val_accuracy,
     run_cells,
     summary_table,
@@ -130,16 +131,12 @@ def plot_gap(rows: list[dict[str, Any]], path: Path) -> None:
     gaps = {variant: [row["gap"] for row in rows if row["variant"] == variant] for variant in VARIANTS}
     fig, ax = plt.subplots(figsize=(9, 4))
     positions = range(len(gaps))
-    ax.bar(positions, [statistics.mean(values) for values in gaps.values()], color="tab:blue", alpha=0.6)
+    ax.bar(positions, [statistics.mean(values) for values in gaps.values()], alpha=0.6, label="mean over seeds")
     for position, values in zip(positions, gaps.values()):
-        ax.plot([position] * len(values), values, "k.", markersize=5)
+        ax.plot([position] * len(values), values, "k.", markersize=5, label="one seed" if position == 0 else None)
     ax.set_xticks(list(positions), list(gaps), rotation=30, ha="right")
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_ylabel("final train − val accuracy")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_plot(fig, ax, path, xlabel="variant", ylabel="final train − val accuracy")
 
 
 def write_regularization_report(path: Path, base: TrainConfig, rows: list[dict], seeds: Sequence[int]) -> None:
