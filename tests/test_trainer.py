@@ -280,3 +280,41 @@ def test_trainer_lr_find_uses_its_model_and_leaves_no_trace():
     assert len(result.lrs) >= 5 and 1e-7 <= result.suggested_lr <= 1.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
+
+
+def image_data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 2, 8, 8, generator=gen)
+    return x, (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 0).long()
+
+
+def test_channels_last_trains_the_same_model_with_nhwc_weights_and_plain_state_dict():
+    x, y = image_data()
+    results = {}
+    for channels_last in (False, True):
+        trainer = Trainer(small_cnn(), plain_config(batch_size=16, epochs=2, channels_last=channels_last))
+        trainer.fit(DeviceBatches(x, y, 16, shuffle=False))
+        results[channels_last] = trainer
+    conv = results[True].model[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for (key, want), (key2, got) in zip(results[False].model.state_dict().items(), results[True].model.state_dict().items()):
+        assert key == key2
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_forward_matches_eager_and_keeps_plain_state_dict_keys():
+    x, y = toy_data()
+    eager = Trainer(toy_model(), plain_config(batch_size=16, epochs=2))
+    eager.fit(DeviceBatches(x, y, 16, shuffle=False))
+    compiled = Trainer(toy_model(), plain_config(batch_size=16, epochs=2, compile=True))
+    compiled.fit(DeviceBatches(x, y, 16, shuffle=False))
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # no "_orig_mod." prefix
+    for got, want in zip(compiled.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -38,9 +38,10 @@ SAVE_ERROR_POLICIES = ("continue", "stop")
 # Defaults that depend on the model: the CNN trains fewer, slower epochs and needs
 # shift augmentation to get past 99.5%; the MLP does best without it in a short budget.
 MODEL_RECIPES: dict[str, dict[str, Any]] = {
-    "mlp": {"epochs": 20, "augment_shift": 0},
-    "residual_mlp": {"epochs": 20, "augment_shift": 0},
-    "cnn": {"epochs": 12, "augment_shift": 2},
+    "mlp": {"epochs": 20, "augment_shift": 0, "channels_last": False},
+    "residual_mlp": {"epochs": 20, "augment_shift": 0, "channels_last": False},
+    # channels_last: measured 1.8-2.1x faster CNN steps on CPU (docs/benchmarks.md)
+    "cnn": {"epochs": 12, "augment_shift": 2, "channels_last": True},
 }
 
 
@@ -86,6 +87,10 @@ class TrainConfig:
     clip_value: float | None = None
     accumulate: int = 1
     precision: str = "fp32"
+    # speed (each measured in benchmarks/; on only where it wins)
+    channels_last: bool | None = None  # NHWC memory format for conv models; None: the model's recipe
+    compile: bool = False  # torch.compile the model (slower on the MNIST models on CPU, see benchmarks)
+    threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     # early stopping and checkpoints
     patience: int = 5  # 0 turns early stopping off
     min_delta: float = 0.0
@@ -112,6 +117,7 @@ class TrainConfig:
             self,
             epochs=recipe["epochs"] if self.epochs is None else self.epochs,
             augment_shift=recipe["augment_shift"] if self.augment_shift is None else self.augment_shift,
+            channels_last=recipe["channels_last"] if self.channels_last is None else self.channels_last,
             warmup=(1.0 if self.schedule == "warmup_cosine" else 0.0) if self.warmup is None else self.warmup,
             hidden=list(self.hidden),
             milestones=list(self.milestones),
@@ -156,6 +162,8 @@ class TrainConfig:
             _require_int_at_least(name, getattr(self, name), 0)
         if self.epochs is not None:
             _require_int_at_least("epochs", self.epochs, 1)
+        if self.threads is not None:
+            _require_int_at_least("threads", self.threads, 1)
         if not 0.0 < self.rollback_lr_factor < 1.0:
             raise ConfigError(f"--rollback-lr-factor must be in (0, 1), got {self.rollback_lr_factor}")
         if self.train_size is not None:

@@ -195,6 +195,8 @@ def train_run(
     out_dir = Path(config.out) if config.out else default_out_dir(config)
     config.out = str(out_dir)
     prepare_out_dir(out_dir, resume)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
 
     seed_everything(config.seed)
     data = load_training_data(config, device)

@@ -146,6 +146,11 @@ class Trainer:
         self.device = resolve_device(self.config.device)
         self.amp_dtype = autocast_dtype(self.config.precision, self.device)
         self.model = model.to(self.device)
+        self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        if self.config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # the compiled wrapper only runs the forward; self.model keeps the plain state_dict keys
+        self.forward = torch.compile(self.model) if self.config.compile else self.model
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.callbacks = list(callbacks)
         self.run_info = dict(run_info or {})
@@ -296,9 +301,9 @@ class Trainer:
         group_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         for inputs, targets in group:
-            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            inputs, targets = self._to_device(inputs), targets.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.model(inputs)
+                logits = self.forward(inputs)
                 loss = self.loss_fn(logits, targets)
             # Mean loss of the micro-batch, weighted by its share of the group: the sum over
             # the group equals the mean loss of one big batch, even for a short last group.
@@ -321,16 +326,24 @@ class Trainer:
         """Clip by value and/or norm; return the pre-clip total norm and whether anything was clipped."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        pre_clip_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         clipped = torch.zeros((), device=self.device, dtype=torch.bool)
+        if self.config.clip_value is not None or self.config.clip_norm is None:
+            pre_clip_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if self.config.clip_value is not None:
             max_abs = torch.stack([g.abs().max() for g in grads]).max()
             clipped |= max_abs > self.config.clip_value
             torch.nn.utils.clip_grad_value_(params, self.config.clip_value, foreach=True)
         if self.config.clip_norm is not None:
+            # returns the norm before its own clipping: the pre-clip norm unless value-clipping ran first
             norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm, foreach=True)
             clipped |= norm > self.config.clip_norm
+            if self.config.clip_value is None:
+                pre_clip_norm = norm
         return pre_clip_norm.double(), clipped.double()
+
+    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        inputs = inputs.to(self.device, non_blocking=True)
+        return inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -404,9 +417,9 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         samples = 0
         for inputs, targets in batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = self._to_device(inputs), targets.to(self.device)
             with self._autocast():
-                logits = self.model(inputs)
+                logits = self.forward(inputs)
                 loss_sum += self.loss_fn(logits, targets).double() * len(targets)
             correct += (logits.argmax(dim=1) == targets).sum()
             samples += len(targets)
@@ -427,7 +440,7 @@ class Trainer:
         outputs = []
         for start in range(0, len(inputs), batch_size):
             with self._autocast():
-                outputs.append(self.model(inputs[start : start + batch_size].to(self.device)).float())
+                outputs.append(self.forward(self._to_device(inputs[start : start + batch_size])).float())
         return torch.cat(outputs)
 
     # ------------------------------------------------------------ checkpoints
