@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from trainkit.cli import EXIT_USAGE, main
+from trainkit.config import config_from_dict, load_config_file
 
 
 def test_train_then_evaluate_end_to_end_in_a_subprocess(tmp_path):
@@ -65,6 +67,8 @@ BAD_INPUT = [
     (["train", "--device", "cuda"], "no CUDA GPU"),
     (["train", "--config", "/no/such.toml"], "does not exist"),
     (["train", "--bogus-flag"], "unrecognized arguments"),
+    (["train", "--val-size", "0"], "--patience 0"),
+    (["train", "--threads", "0"], "--threads must be an integer >= 1"),
     (["evaluate", "/no/such.pt"], "does not exist"),
 ]
 
@@ -133,3 +137,10 @@ def test_train_with_lr_auto_uses_and_records_the_finder_suggestion(tmp_path, cap
     assert summary["lr"] == found["suggested_lr"] == summary["lr_finder"]["suggested_lr"]
     assert json.loads((out / "config.json").read_text())["lr"] == "auto"
     assert summary["test_accuracy"] > 0.5  # chance is 0.1
+
+
+@pytest.mark.parametrize("name", ["mlp_fast.toml", "cnn_fast.toml", "cnn_995.toml"])
+def test_shipped_recipe_configs_are_valid(name):
+    values = load_config_file(Path(__file__).resolve().parents[1] / "configs" / name)
+    config = config_from_dict(values).resolved()
+    assert config.val_size == 0 and config.patience == 0 and config.schedule == "onecycle"

@@ -27,6 +27,7 @@ from trainkit.config import (
     config_from_dict,
     load_config_file,
 )
+from trainkit.distributed import STRATEGIES, env_rank
 from trainkit.errors import NonFiniteLossError, TrainingInterrupted, TrainkitError
 
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
@@ -58,6 +59,11 @@ def float_list(text: str) -> list[float]:
     return [float(part) for part in text.split(",") if part]
 
 
+def batch_size(text: str) -> int | str:
+    """An integer, or 'auto' to find the largest batch that fits (trainkit.memory)."""
+    return "auto" if text == "auto" else int(text)
+
+
 def learning_rate(text: str) -> float | str:
     """A number, or 'auto' to run the LR finder first."""
     return "auto" if text == "auto" else float(text)
@@ -87,7 +93,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--lr", type=learning_rate, help="peak learning rate, or auto: run the LR finder first (default 1e-3)")
     flag("--weight-decay", type=float, help="decoupled weight decay on weights only (default 0.01)")
     flag("--momentum", type=float, help="SGD momentum (default 0.9)")
-    flag("--batch-size", type=int, help="(default 128)")
+    flag("--batch-size", type=batch_size, help="micro-batch size, or auto: the largest that fits (default 128)")
+    flag("--memory-budget", type=float, help="GiB a CPU step may use for --batch-size auto (default: half of free RAM)")
     flag("--epochs", type=int, help="maximum epochs; early stopping may end sooner (default: 20 MLP, 12 CNN)")
     flag("--schedule", choices=SCHEDULES, help="(default warmup_cosine)")
     flag("--warmup", type=float, help="epochs of linear warmup before the schedule (default 1 for warmup_cosine, else 0)")
@@ -108,6 +115,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC conv layout (default: on for cnn)")
     flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     flag("--threads", type=int, help="torch intra-op threads (default: one per core)")
+    flag("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+         help="recompute activations in backward: less memory for ~1 extra forward (default off)")
     flag("--patience", type=int, help="early-stopping patience in epochs; 0 = off (default 5)")
     flag("--min-delta", type=float, help="smallest change that counts as improvement (default 0)")
     flag("--monitor", help="history metric for early stopping and best checkpoint (default val_loss)")
@@ -121,6 +130,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--max-rollbacks", type=int, help="give up after this many rollbacks (default 3)")
     flag("--seed", type=int, help="(default 0)")
     flag("--device", help="auto, cpu, cuda, cuda:N (default auto)")
+    flag("--strategy", choices=STRATEGIES,
+         help="single, ddp (data parallel; launch with torchrun --nproc_per_node N) or auto: ddp under torchrun")
     flag("--out", help="output directory (default runs/<dataset>-<model>-<time>)")
 
 
@@ -135,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     inspect = commands.add_parser("inspect", help="verify a checkpoint and show what it holds")
     inspect.add_argument("checkpoint")
+    profiler = commands.add_parser("profile", help="profile training steps: time per phase, top operators, trace")
+    add_train_flags(profiler)
+    profiler.add_argument("--steps", type=int, default=20, help="optimizer steps to profile (default 20)")
+    profiler.add_argument("--warmup-steps", type=int, default=5, help="steps run before profiling (default 5)")
     finder = commands.add_parser("lr-find", help="LR range test: loss vs lr, suggestions, lr_find.json/.png")
     add_train_flags(finder)
     finder.add_argument("--start-lr", type=float, default=1e-7)
@@ -175,7 +190,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise TrainkitError("--resume needs --out DIR naming the run to continue")
         config = resume_config(Path(config.out), flags, force=args.force_resume)
     summary = train_run(config, resume=args.resume, force_resume=args.force_resume)
-    print(json.dumps(summary, indent=2))
+    if env_rank() == 0:  # under torchrun every rank returns the same summary; print it once
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -220,6 +236,17 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    from trainkit.profiling import profile_training
+
+    config, _ = train_config_from_args(args)
+    result, out_dir = profile_training(config, steps=args.steps, warmup_steps=args.warmup_steps)
+    print(result.operators)
+    print(result.split_table())
+    print(f"wrote {out_dir / 'profile.txt'} and {out_dir / 'trace.json'} (open in https://ui.perfetto.dev)")
+    return 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import load_checkpoint, verify_checkpoint
 
@@ -241,7 +268,9 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # under torchrun only rank 0 logs progress; the other ranks report errors only
+    level = logging.INFO if env_rank() == 0 else logging.ERROR
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     handlers = {
         "train": run_train,
@@ -250,18 +279,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "lr-find": run_lr_find,
         "schedules": run_schedules,
         "compare": run_compare,
+        "profile": run_profile,
     }
+    prog = f"trainkit {args.command}" + (f" (rank {env_rank()})" if env_rank() else "")
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:
-        print(f"trainkit {args.command}: {exc}; continue with --resume", file=sys.stderr)
+        print(f"{prog}: {exc}; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except NonFiniteLossError as exc:
-        print(f"trainkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
     except TrainkitError as exc:
-        print(f"trainkit {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"trainkit {args.command}: interrupted; earlier checkpoints are intact", file=sys.stderr)
+        print(f"{prog}: interrupted; earlier checkpoints are intact", file=sys.stderr)
         return 130

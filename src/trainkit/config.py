@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from trainkit.data import DATASET_NAMES
+from trainkit.distributed import STRATEGIES
 from trainkit.errors import ConfigError
 from trainkit.init import INIT_SCHEMES
 from trainkit.layers import ACTIVATIONS, NORMS
@@ -68,7 +69,8 @@ class TrainConfig:
     lr: float | str = 1e-3  # or "auto": run the LR finder first and use its suggestion
     weight_decay: float = 0.01
     momentum: float = 0.9
-    batch_size: int = 128
+    batch_size: int | str = 128  # or "auto": the largest power of two that fits (trainkit.memory)
+    memory_budget: float | None = None  # GiB a CPU training step may use for --batch-size auto; None: half of free RAM
     eval_batch_size: int = 1024
     epochs: int | None = None  # None: the model's recipe (MODEL_RECIPES)
     schedule: str = "warmup_cosine"
@@ -91,6 +93,7 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC memory format for conv models; None: the model's recipe
     compile: bool = False  # torch.compile the model (slower on the MNIST models on CPU, see benchmarks)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
     # early stopping and checkpoints
     patience: int = 5  # 0 turns early stopping off
     min_delta: float = 0.0
@@ -107,6 +110,7 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"
+    strategy: str = "auto"  # single | ddp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
     out: str | None = None
     hidden: list[int] = field(default_factory=lambda: [256, 128])
 
@@ -138,6 +142,7 @@ class TrainConfig:
         _require_choice("monitor-mode", self.monitor_mode, MODES)
         _require_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _require_choice("on-save-error", self.on_save_error, SAVE_ERROR_POLICIES)
+        _require_choice("strategy", self.strategy, STRATEGIES)
         if self.lr != "auto":
             _require_positive("lr", self.lr)
         _require_choice("anneal", self.anneal, ANNEALS)
@@ -155,13 +160,22 @@ class TrainConfig:
         if self.warmup is not None:
             _require_non_negative("warmup", self.warmup)
         _require_non_negative("min-delta", self.min_delta)
-        for name in ("batch_size", "eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult"):
+        if self.batch_size != "auto":
+            _require_batch_size(self.batch_size)
+        if self.memory_budget is not None:
+            _require_positive("memory-budget", self.memory_budget)
+        for name in ("eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult"):
             _require_int_at_least(name, getattr(self, name), 1)
         for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs",
                      "checkpoint_every_steps", "max_rollbacks", "plateau_patience"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 0)
         if self.epochs is not None:
             _require_int_at_least("epochs", self.epochs, 1)
+        if self.val_size == 0 and self.patience > 0 and self.monitor.startswith("val_"):
+            raise ConfigError(
+                f"--val-size 0 leaves no validation data, but early stopping monitors {self.monitor}; "
+                f"pass --patience 0 or --monitor train_loss"
+            )
         if self.threads is not None:
             _require_int_at_least("threads", self.threads, 1)
         if not 0.0 < self.rollback_lr_factor < 1.0:
@@ -220,6 +234,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _require_batch_size(value: int | str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"--batch-size must be an integer >= 1 or 'auto', got {value!r}")
 
 
 def _require_positive(name: str, value: float) -> None:

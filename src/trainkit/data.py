@@ -33,6 +33,18 @@ Batches
     ``DeviceBatches`` slices mini-batches out of tensors that already live on the device (no
     DataLoader workers, no per-sample Python). Each epoch's order comes from a generator seeded
     by (seed, epoch) alone, so resuming at (epoch, batch) reproduces an uninterrupted run.
+
+Sharding across data-parallel ranks
+    With ``rank``/``world_size`` (``--strategy ddp``), ``batch_size`` is the *global* batch and
+    every rank computes the same (seed, epoch) permutation, then takes its own contiguous
+    slice of each global batch: ranks are disjoint, together they cover the epoch, and
+    optimizer step k sees exactly the samples of the single-process run's step k. A short last
+    global batch is split as evenly as possible (sizes differ by at most one); the trainer
+    weights each rank's loss by its share (``global_samples``), so DDP's gradient average equals
+    the single-process mean. A ``lockstep`` loader (training: every batch is a DDP step that
+    all ranks must join) drops a last global batch with fewer samples than ranks (at most
+    ``world_size - 1`` samples an epoch); evaluation loaders (``lockstep=False``) keep every
+    sample and a rank whose slice is empty just skips that batch.
 """
 
 from __future__ import annotations
@@ -686,7 +698,12 @@ class DeviceBatches:
         drop_last: bool = False,
         augment_shift: int = 0,
         fill: float | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        lockstep: bool = True,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in 0..{world_size - 1}, got {rank}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if x.shape[0] != y.shape[0]:
@@ -705,16 +722,31 @@ class DeviceBatches:
         self.seed = seed
         self.drop_last = drop_last
         self.augment_shift = augment_shift
+        self.rank, self.world_size, self.lockstep = rank, world_size, lockstep
         # default fill: the darkest value, i.e. the (normalised) background of MNIST-like images
         if fill is None and augment_shift and x.numel():
             fill = float(x.min())
         self.fill = 0.0 if fill is None else float(fill)
 
     def __len__(self) -> int:
-        """Batches per epoch."""
+        """(Global) batches per epoch: the same on every rank."""
         if self.drop_last:
             return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+        batches = -(-self.num_samples // self.batch_size)
+        if self.lockstep and 0 < self.num_samples % self.batch_size < self.world_size:
+            return batches - 1  # every rank must get a sample of every lockstep batch
+        return batches
+
+    def global_samples(self, start_batch: int, count: int) -> int:
+        """Samples in global batches ``start_batch .. start_batch + count - 1``, over all ranks."""
+        lo = start_batch * self.batch_size
+        return max(0, min((start_batch + count) * self.batch_size, self.num_samples) - lo)
+
+    def rank_slice(self, lo: int, hi: int) -> tuple[int, int]:
+        """This rank's part of the global batch [lo, hi): contiguous, sizes differing by at most one."""
+        base, extra = divmod(hi - lo, self.world_size)
+        start = lo + self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
 
     @property
     def num_samples(self) -> int:
@@ -746,7 +778,9 @@ class DeviceBatches:
         self, order: Tensor | None, offsets: Tensor | None, start_batch: int
     ) -> Iterator[tuple[Tensor, Tensor]]:
         for b in range(start_batch, len(self)):
-            lo, hi = b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples)
+            lo, hi = self.rank_slice(b * self.batch_size, min((b + 1) * self.batch_size, self.num_samples))
+            if lo == hi:
+                continue  # evaluation only: fewer samples than ranks in the last batch
             if order is None:
                 xb, yb = self.x[lo:hi], self.y[lo:hi]
             else:

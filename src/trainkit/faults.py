@@ -5,6 +5,8 @@ Inactive (one dict lookup) unless the environment variable ``TRAINKIT_KILL_AT`` 
 ``TRAINKIT_KILL_SIGNAL``, e.g. ``TERM``) the N-th time it reaches ``POINT``.
 Points: ``step`` (after an optimizer step), ``validation`` (after a validation batch),
 ``save:temp_written``, ``save:before_rename``, ``save:after_rename``, ``save:retention``.
+Under torchrun every rank sees the same variables; ``TRAINKIT_KILL_RANK=R`` limits the kill
+to the process whose ``RANK`` is R (the launcher then tears down the others).
 A SIGKILL cannot be caught, so this exercises exactly what a preempted machine does.
 """
 
@@ -23,6 +25,9 @@ def crash_point(name: str) -> None:
         return
     point, _, nth = spec.rpartition(":")
     if point != name:
+        return
+    only_rank = os.environ.get("TRAINKIT_KILL_RANK")
+    if only_rank is not None and only_rank != os.environ.get("RANK", "0"):
         return
     _hits[name] += 1
     if _hits[name] == int(nth):

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from trainkit import distributed
+
 HISTORY_FIELDS = (
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
     "grad_norm", "clip_fraction", "skipped_steps", "epoch_seconds", "samples_per_second",
@@ -25,7 +27,8 @@ class EpochMeter:
     def __init__(self, device: torch.device) -> None:
         for name in SUMS:
             setattr(self, name, torch.zeros((), device=device, dtype=torch.float64))
-        self.samples = 0
+        self.samples = 0  # on this rank
+        self.total_samples = 0.0  # over all ranks, set by results()
         self.steps = 0
         self.skipped = 0
 
@@ -40,10 +43,15 @@ class EpochMeter:
         self.steps += 1
 
     def results(self) -> dict[str, float]:
-        samples, steps = max(self.samples, 1), max(self.steps, 1)
+        """The epoch's metrics; under DDP the loss/accuracy sums and sample counts are all-reduced
+        here, once per epoch, so every rank reports the whole epoch. (The gradient norm, clip and
+        skip counts are the same on every rank: gradients are averaged before clipping.)"""
+        sums = torch.stack([self.loss_sum, self.correct, self.correct.new_tensor(float(self.samples))])
+        loss_sum, correct, self.total_samples = distributed.all_reduce_sum(sums).tolist()
+        samples, steps = max(self.total_samples, 1), max(self.steps, 1)
         return {
-            "train_loss": self.loss_sum.item() / samples,
-            "train_accuracy": self.correct.item() / samples,
+            "train_loss": loss_sum / samples,
+            "train_accuracy": correct / samples,
             "grad_norm": self.grad_norm_sum.item() / steps,
             "clip_fraction": self.clipped.item() / steps,
             "skipped_steps": self.skipped,

@@ -7,10 +7,13 @@ load checkpoints without custom classes beyond those in ``trainkit.layers``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainkit.errors import ConfigError
 from trainkit.layers import (
@@ -23,7 +26,16 @@ from trainkit.layers import (
     norm_layer,
 )
 
-__all__ = ["MODEL_NAMES", "build_model", "cnn", "mlp", "model_activation", "residual_mlp"]
+__all__ = [
+    "MODEL_NAMES",
+    "CheckpointedSequential",
+    "build_model",
+    "cnn",
+    "enable_grad_checkpointing",
+    "mlp",
+    "model_activation",
+    "residual_mlp",
+]
 
 
 # -------------------------------------------------------------------------- checks
@@ -279,3 +291,87 @@ def model_activation(model: nn.Module) -> str | None:
         if name is not None:
             return name
     return None
+
+
+# ------------------------------------------------------------ gradient checkpointing
+
+# A checkpointed block starts at each of these: the layers whose input is worth keeping.
+_BLOCK_STARTS = (nn.Linear, nn.Conv2d, Residual)
+
+
+def block_segments(layers: Sequence[nn.Module]) -> list[list[nn.Module]]:
+    """Split a Sequential's layers into blocks, each starting at a Linear/Conv/Residual.
+
+    Layers before the first such layer (Flatten) join the first block; norms, activations,
+    dropout and pooling join the block of the weight layer before them.
+    """
+    segments: list[list[nn.Module]] = []
+    for layer in layers:
+        current_has_start = bool(segments) and any(isinstance(m, _BLOCK_STARTS) for m in segments[-1])
+        if not segments or (isinstance(layer, _BLOCK_STARTS) and current_has_start):
+            segments.append([layer])
+        else:
+            segments[-1].append(layer)
+    return segments
+
+
+@contextmanager
+def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """BatchNorm recomputes exactly as in the forward pass but its running statistics stay put.
+
+    Used while a checkpointed block is recomputed in backward: the forward pass already
+    updated running_mean/var and num_batches_tracked once; a second update would bias them.
+    The recomputation updates throw-away copies of the buffers instead (the originals are put
+    back afterwards), so it runs the same ops and saves the same tensors as the forward pass,
+    which non-reentrant checkpointing checks.
+    """
+    norms = [m for layer in modules for m in layer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    originals = [(norm, {name: getattr(norm, name) for name in names if getattr(norm, name) is not None})
+                 for norm in norms]  # fmt: skip
+    for norm, buffers in originals:
+        for name, tensor in buffers.items():
+            setattr(norm, name, tensor.clone())
+    try:
+        yield
+    finally:
+        for norm, buffers in originals:
+            for name, tensor in buffers.items():
+                setattr(norm, name, tensor)
+
+
+def _run_layers(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+class CheckpointedSequential(nn.Sequential):
+    """An ``nn.Sequential`` that recomputes each block's activations in backward.
+
+    Trades about one extra forward pass for keeping only the blocks' inputs alive between
+    forward and backward. Holds the same children under the same names, so ``state_dict``
+    keys are those of the plain model: checkpoints and safetensors load either way.
+    Dropout masks and DropPath draws are replayed (``preserve_rng_state``); BatchNorm running
+    statistics are updated once (``frozen_running_stats`` during the recomputation).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation: nothing to recompute
+            return super().forward(x)
+        for segment in block_segments(list(self)):
+            x = checkpoint(
+                _run_layers, segment, x, use_reentrant=False, preserve_rng_state=True,
+                context_fn=lambda segment=segment: (nullcontext(), frozen_running_stats(segment)),
+            )  # fmt: skip
+        return x
+
+
+def enable_grad_checkpointing(model: nn.Module) -> CheckpointedSequential:
+    """The same layers (same module objects and state_dict keys), checkpointed block by block."""
+    if not isinstance(model, nn.Sequential):
+        raise ConfigError(f"gradient checkpointing needs an nn.Sequential model, got {type(model).__name__}")
+    if isinstance(model, CheckpointedSequential):
+        return model
+    checkpointed = CheckpointedSequential(OrderedDict(model.named_children()))
+    return checkpointed.train(model.training)

@@ -4,6 +4,10 @@
 The output directory holds ``config.json`` (resolved), ``history.csv``, ``checkpoints/``,
 ``loss.png``/``accuracy.png``/``lr.png``, ``model.safetensors`` (the final weights),
 ``best.safetensors`` (the best validation epoch's) and ``summary.json``.
+
+Under ``--strategy ddp`` (one process per device, launched by torchrun) every rank runs
+``train_run``; all ranks take part in every collective in the same order and only rank 0
+writes files (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from trainkit import distributed
 from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import CheckpointDir, load_checkpoint, model_sha256
 from trainkit.config import TrainConfig, config_from_dict
@@ -33,15 +38,16 @@ from trainkit.data import DatasetSplits, DeviceBatches, TensorSplit, load_datase
 from trainkit.errors import CheckpointError, ConfigError
 from trainkit.init import init_weights
 from trainkit.lr_finder import lr_find
+from trainkit.memory import find_batch_size
 from trainkit.optim import build_optimizer
-from trainkit.models import build_model
+from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.plots import plot_history
 from trainkit.trainer import Trainer, autocast_dtype, resolve_device
 
 log = logging.getLogger("trainkit")
 
 # Settings that may differ when resuming: where data lives and which device runs it.
-RESUMABLE_OVERRIDES = ("data_dir", "device", "out")
+RESUMABLE_OVERRIDES = ("data_dir", "device", "out", "strategy")
 
 
 def seed_everything(seed: int) -> None:
@@ -64,7 +70,8 @@ def build_model_from_config(config: TrainConfig, data: DatasetSplits) -> nn.Modu
     if config.model == "residual_mlp":
         options["drop_path"] = config.drop_path
     model = build_model(config.model, data.input_shape, data.num_classes, **options)
-    return init_weights(model, config.init)
+    model = init_weights(model, config.init)
+    return enable_grad_checkpointing(model) if config.grad_checkpointing else model
 
 
 def load_training_data(config: TrainConfig, device: torch.device) -> DatasetSplits:
@@ -116,8 +123,11 @@ def resume_config(out_dir: Path, overrides: dict[str, Any], *, force: bool = Fal
     return config_from_dict({**saved.to_dict(), **allowed})
 
 
-def prepare_out_dir(out_dir: Path, resume: bool) -> None:
-    """Create the output dir; refuse to overwrite a run, or to resume a finished one."""
+def prepare_out_dir(out_dir: Path, resume: bool, *, create: bool = True) -> None:
+    """Create the output dir; refuse to overwrite a run, or to resume a finished one.
+
+    ``create=False`` only checks (DDP: every rank checks before rank 0 creates anything).
+    """
     if resume:
         if not (out_dir / "config.json").exists():
             raise ConfigError(f"--resume: {out_dir} holds no trainkit run (no config.json); check --out")
@@ -126,7 +136,8 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
         return
     if (out_dir / "config.json").exists() or CheckpointDir(out_dir / "checkpoints").latest() is not None:
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def checkpoint_to_resume(
@@ -144,6 +155,13 @@ def checkpoint_to_resume(
         )
     path, payload = found
     log.info("resuming from %s", path)
+    saved_world = payload.get("run_info", {}).get("world_size", 1)
+    if saved_world != distributed.world_size():
+        raise CheckpointError(
+            f"--resume: {path} was written by {saved_world} process(es) but this run has {distributed.world_size()}; "
+            f"resume with the same world size (e.g. torchrun --nproc_per_node {saved_world} ... --strategy ddp"
+            f"{'' if saved_world > 1 else ', or without torchrun'})"
+        )
     if force:
         return payload
     differences = config_differences(payload["config"], config.to_dict())
@@ -187,31 +205,76 @@ def train_run(
     force_resume: bool = False,
     extra_callbacks: Sequence[Callback] = (),
 ) -> dict:
-    """Run the configured training job and return its summary (also written to summary.json)."""
+    """Run the configured training job and return its summary (also written to summary.json).
+
+    ``--strategy ddp`` (or auto under torchrun): every rank calls this inside one process group.
+    """
+    options = {"resume": resume, "force_resume": force_resume, "extra_callbacks": extra_callbacks}
+    if distributed.resolve_strategy(config.strategy) == "single":
+        return _train_run(config, **options)
+    device = distributed.ddp_device(resolve_device(config.device))
+    with distributed.process_group(device):
+        return _train_run(dataclasses.replace(config, device=str(device)), **options)
+
+
+def check_ddp_settings(config: TrainConfig, world_size: int) -> None:
+    """--batch-size is the global batch under DDP: each rank takes batch_size / world_size of it."""
+    if world_size == 1:
+        return
+    if config.batch_size == "auto":
+        raise ConfigError("--batch-size auto is not supported with --strategy ddp; give the global batch size")
+    if config.batch_size % world_size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is the global batch and must be divisible by the "
+            f"{world_size} processes; use e.g. --batch-size {max(1, config.batch_size // world_size) * world_size}"
+        )
+
+
+def training_batches(config: TrainConfig, data: DatasetSplits, *, rank: int = 0, world_size: int = 1) -> DeviceBatches:
+    """The shuffled training batches; with world_size > 1, this rank's slice of each global batch."""
+    return DeviceBatches(data.train.x, data.train.y, config.batch_size, seed=config.seed,
+                         augment_shift=config.augment_shift, rank=rank, world_size=world_size)  # fmt: skip
+
+
+def _train_run(
+    config: TrainConfig, *, resume: bool, force_resume: bool, extra_callbacks: Sequence[Callback]
+) -> dict:
     started = time.perf_counter()
     config = config.resolved()
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    check_ddp_settings(config, world)
     device = resolve_device(config.device)
     autocast_dtype(config.precision, device)  # fail on e.g. fp16 without CUDA before any work
     out_dir = Path(config.out) if config.out else default_out_dir(config)
+    out_dir = Path(distributed.broadcast_object(str(out_dir)))  # the default name holds rank 0's clock
     config.out = str(out_dir)
-    prepare_out_dir(out_dir, resume)
+    prepare_out_dir(out_dir, resume, create=False)
+    distributed.barrier()  # every rank checked --out before rank 0 writes into it
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
 
     seed_everything(config.seed)
     data = load_training_data(config, device)
-    write_atomically(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    model = build_model_from_config(config, data).to(device)
-    train_batches = DeviceBatches(
-        data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
-    )
+    model = build_model_from_config(config, data).to(device)  # the same on every rank: same seed
+    if config.batch_size == "auto":  # resolved before config.json is written: --resume reuses the choice
+        config = resolve_auto_batch_size(config, model, data)
+    if main:
+        write_atomically(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+    if world > 1:
+        torch.manual_seed(distributed.rank_seed(config.seed, rank))  # dropout masks differ per rank
+    train_batches = training_batches(config, data, rank=rank, world_size=world)
     finder = None
     if config.lr == "auto":
-        finder = resolve_auto_lr(config, model, train_batches, out_dir, reuse=resume)
+        # every rank runs the (unsharded, trace-free) range test; rank 0's suggestion is used by all
+        found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, reuse=resume, write=main)
+        finder = distributed.broadcast_object(found)
         config = dataclasses.replace(config, lr=finder["suggested_lr"])
     fingerprint = data_fingerprint(data)
     resume_state = checkpoint_to_resume(out_dir, config, fingerprint, device, force=force_resume) if resume else None
-    val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False)
+    shard = {"rank": rank, "world_size": world, "lockstep": False}  # each rank evaluates its part; sums all-reduced
+    val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False, **shard)
     callbacks = [*build_callbacks(config), *extra_callbacks]
     trainer = Trainer(
         model, config, callbacks=callbacks, out_dir=out_dir, run_info={"data_fingerprint": fingerprint}
@@ -223,15 +286,12 @@ def train_run(
     with stop_cleanly_on_signals(trainer):
         history = trainer.fit(train_batches, val_batches, resume_from=resume_state)
 
-    test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False))
-    export_safetensors(trainer.model.state_dict(), out_dir / "model.safetensors")
-    if trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file():
-        export_safetensors(load_checkpoint(trainer.checkpoints.best_path)["model"], out_dir / "best.safetensors")
+    test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False, **shard))
     summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
     if finder is not None:
         summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
-    plot_history(history, out_dir)
-    write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if main:
+        write_outputs(trainer, history, summary, out_dir)
     log.info(
         "test accuracy %.4f (loss %.4f), best epoch %s, %d epochs in %.1fs; wrote %s",
         summary["test_accuracy"], summary["test_loss"], summary["best_epoch"],
@@ -240,13 +300,23 @@ def train_run(
     return summary
 
 
+def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir: Path) -> None:
+    """The final files: model/best safetensors, plots, summary.json (rank 0 only under DDP)."""
+    export_safetensors(trainer.model.state_dict(), out_dir / "model.safetensors")
+    if trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file():
+        export_safetensors(load_checkpoint(trainer.checkpoints.best_path)["model"], out_dir / "best.safetensors")
+    plot_history(history, out_dir)
+    write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
 def resolve_auto_lr(
     config: TrainConfig, model: nn.Module, batches: DeviceBatches, out_dir: Path, *, reuse: bool = False,
-    start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100,
+    start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100, write: bool = True,
 ) -> dict[str, Any]:
     """Run the LR range test on the training data (leaving no trace) and save lr_find.json/.png.
 
     ``reuse``: a resumed ``--lr auto`` run takes the suggestion it made the first time.
+    ``write=False``: compute only (DDP ranks other than 0).
     """
     saved = out_dir / "lr_find.json"
     if reuse and saved.is_file():
@@ -258,8 +328,10 @@ def resolve_auto_lr(
         model, optimizer, batches, nn.CrossEntropyLoss(), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
         accumulate=config.accumulate, precision=config.precision,
     )  # fmt: skip
-    result.plot(out_dir / "lr_find.png")
     found = result.to_dict()
+    if not write:
+        return found
+    result.plot(out_dir / "lr_find.png")
     write_atomically(saved, json.dumps(found, indent=2) + "\n")
     log.info("lr finder: suggestions %s; using %.3g (%s)", found["suggestions"], found["suggested_lr"], saved)
     return found
@@ -274,11 +346,22 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
     seed_everything(config.seed)
     data = load_training_data(config, device)
     model = build_model_from_config(config, data).to(device)
+    if config.batch_size == "auto":
+        config = resolve_auto_batch_size(config, model, data)
     batches = DeviceBatches(
         data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
     )
     found = resolve_auto_lr(config, model, batches, out_dir, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
     return {"out": str(out_dir), **{key: found[key] for key in ("suggested_lr", "suggestions", "stopped_early")}}
+
+
+def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: DatasetSplits) -> TrainConfig:
+    """--batch-size auto: the largest power of two that fits (trainkit.memory); logs the choice and why."""
+    device = data.train.x.device
+    choice = find_batch_size(model, config, data.train.x, data.train.y,
+                             amp_dtype=autocast_dtype(config.precision, device))  # fmt: skip
+    log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
+    return dataclasses.replace(config, batch_size=choice.batch_size)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -12,6 +12,14 @@ on (weights, optimizer, scheduler, scaler, RNG, the position inside the epoch an
 epoch's running metrics), and each epoch's data order is a function of (seed, epoch)
 alone. Replaying from a checkpoint therefore performs the same operations in the same
 order as the uninterrupted run.
+
+Data parallel (``--strategy ddp``, see docs/scaling.md): when a process group is active
+(trainkit.distributed) the model is wrapped in DistributedDataParallel, each rank trains on
+its slice of every global batch, and the places where ranks must agree do so explicitly:
+metric sums and evaluation counts are all-reduced, rank 0's epoch metrics and early-stopping
+decision are broadcast, interrupts and NaN checks are agreed by all-reduce, and checkpoints
+gather every rank's RNG and running sums. Every collective runs on every rank in the same
+order; only file writes are limited to rank 0.
 """
 
 from __future__ import annotations
@@ -29,9 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 import trainkit
+from trainkit import distributed
 from trainkit.callbacks import Callback, TrainState, is_improvement
 from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint
 from trainkit.config import TrainConfig
@@ -115,6 +125,32 @@ def set_numpy_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
 
 
+def phase(name: str):
+    """Label a phase of the step ("data", "forward", "backward", "optimizer") for ``trainkit profile``.
+
+    A no-op unless a profiler is running: record_function alone costs ~10 us per call on CPU.
+    """
+    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
+
+
+def labelled_as_data(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """The batches, with fetching each one (indexing, augmentation) labelled "data" for the profiler."""
+    iterator = iter(batches)
+    while True:
+        with phase("data"):
+            batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch
+
+
+def split_micro_batches(group: list[Batch], size: int | None) -> list[Batch]:
+    """Each micro-batch of ``group`` cut into pieces of at most ``size`` samples, in order (None: as is)."""
+    if size is None:
+        return group
+    return [piece for inputs, targets in group for piece in zip(inputs.split(size), targets.split(size))]
+
+
 def group_batches(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
     """Consecutive micro-batches in groups of ``size``; the last group may be shorter."""
     group: list[Batch] = []
@@ -129,6 +165,9 @@ def group_batches(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
 
 class Trainer:
     """Fit a classifier with the practices in ``TrainConfig``; see the module docstring."""
+
+    # Set by the out-of-memory back-off: micro-batches are cut to this size from then on.
+    micro_batch_size: int | None = None
 
     def __init__(
         self,
@@ -149,11 +188,19 @@ class Trainer:
         self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
         if self.config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        # the compiled wrapper only runs the forward; self.model keeps the plain state_dict keys
-        self.forward = torch.compile(self.model) if self.config.compile else self.model
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.distributed = distributed.is_active()
+        self.is_main = self.rank == 0  # logs and writes files; other ranks write nothing
+        # DDP and the compiled wrapper only run the forward; self.model keeps the plain state_dict
+        # keys. Evaluation bypasses DDP: ranks evaluate different numbers of batches and DDP's
+        # per-forward buffer broadcast would make them wait for each other.
+        self.ddp_model = self._wrap_ddp(self.model) if self.distributed else None
+        train_module = self.model if self.ddp_model is None else self.ddp_model
+        self.forward = torch.compile(train_module) if self.config.compile else train_module
+        self.eval_forward = self.model if self.distributed else self.forward
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.callbacks = list(callbacks)
-        self.run_info = dict(run_info or {})
+        self.run_info = {**(run_info or {}), "world_size": self.world_size}  # resume needs the same
         self.optimizer = build_optimizer(
             self.config.optimizer,
             self.model,
@@ -174,7 +221,8 @@ class Trainer:
             if self.out_dir is not None
             else None
         )
-        self.history_file = HistoryFile(self.out_dir / "history.csv" if self.out_dir is not None else None)
+        writes_files = self.out_dir is not None and self.is_main
+        self.history_file = HistoryFile(self.out_dir / "history.csv" if writes_files else None)
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
         self.rollbacks = 0
@@ -206,7 +254,7 @@ class Trainer:
             payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device)
             self.load_state_dict(payload)
             log.info("resumed at epoch %d, optimizer step %d", self.state.epoch + 1, self.state.global_step)
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and self.is_main:
             self.checkpoints.remove_temp_files()
         if self.config.on_nonfinite == "rollback":
             self._fallback_state = copy.deepcopy(self.state_dict())
@@ -252,18 +300,20 @@ class Trainer:
         metrics.update(
             lr=self.optimizer.param_groups[0]["lr"],
             epoch_seconds=seconds,
-            samples_per_second=self._meter.samples / seconds,
+            samples_per_second=self._meter.total_samples / seconds,
         )
+        metrics = distributed.broadcast_object(metrics)  # rank 0's numbers everywhere: same decisions
         state.metrics = metrics
         state.history.append(metrics)
         self._call("on_validation_end")
         self._call("on_epoch_end")
+        self._agree_on_stop()
         step_metric = getattr(self.scheduler, "step_metric", None)  # reduce-on-plateau
         if step_metric is not None and self.config.monitor in metrics:
             step_metric(metrics[self.config.monitor])
         self.history_file.append(metrics)
         log.info("%s", format_epoch(metrics, self.config.epochs))
-        is_best = all_finite(self.model.state_dict()) and self._is_new_best(metrics)  # NaN weights never best
+        is_best = self._weights_finite() and self._is_new_best(metrics)  # NaN weights never best
         saved = self._save_checkpoint(epoch_complete=True, is_best=is_best)
         self._stop_if_interrupted(saved)
 
@@ -277,50 +327,100 @@ class Trainer:
             self._pending_position = None
         steps = math.ceil(len(train) / self.config.accumulate)
         progress = tqdm(total=steps, initial=self._batches_done // self.config.accumulate,
-                        desc=f"epoch {self.state.epoch}", leave=False, disable=None)  # fmt: skip
+                        desc=f"epoch {self.state.epoch}", leave=False,
+                        disable=None if self.is_main else True)  # fmt: skip
         every = self.config.checkpoint_every_steps
-        for group in group_batches(train.epoch(self.state.epoch, self._batches_done), self.config.accumulate):
-            loss = self._optimizer_step(group)
+        batches = labelled_as_data(train.epoch(self.state.epoch, self._batches_done))
+        for group in group_batches(batches, self.config.accumulate):
+            loss = self._optimizer_step(group, train.global_samples(self._batches_done, len(group)))
             self._batches_done += len(group)
             self.state.global_step += 1
             self._call("on_batch_end", loss)
             progress.update()
             crash_point("step")
             mid_epoch = self._batches_done < len(train)
-            if mid_epoch and (self.interrupt_reason or (every and self.state.global_step % every == 0)):
-                self._stop_if_interrupted(self._save_checkpoint(epoch_complete=False, is_best=False))
+            interrupted = self._interrupt_agreed()
+            if mid_epoch and (interrupted or (every and self.state.global_step % every == 0)):
+                saved = self._save_checkpoint(epoch_complete=False, is_best=False)
+                if interrupted:
+                    self._raise_interrupted(saved)
             if self.state.global_step % NONFINITE_CHECK_EVERY == 0:
                 self._raise_if_nonfinite(steps)
         progress.close()
         self._raise_if_nonfinite(steps)
 
-    def _optimizer_step(self, group: list[Batch]) -> torch.Tensor:
-        """One optimizer step over an accumulation group; returns the group's mean loss."""
-        group_size = sum(len(targets) for _, targets in group)
+    def _optimizer_step(self, group: list[Batch], global_samples: int | None = None) -> torch.Tensor:
+        """One optimizer step over an accumulation group; returns the group's mean loss.
+
+        ``global_samples``: the group's size over all ranks. Each rank weights its loss by its
+        share of it, so DDP's gradient average is the mean over the whole global group even
+        when a short last batch gives the ranks unequal slices.
+        """
+        local_samples = sum(len(targets) for _, targets in group)
+        group_size = local_samples if global_samples is None else global_samples / self.world_size
+        while True:
+            try:
+                group_loss, correct = self._accumulate_gradients(group, group_size)
+                break
+            except torch.OutOfMemoryError:
+                pass  # the traceback holds the partial graph: free it after leaving this block
+            self._back_off_after_oom(group)
+        with phase("optimizer"):
+            self.scaler.unscale_(self.optimizer)
+            grad_norm, clipped = self._clip_gradients()
+            if self._is_nonfinite_step(group_loss, grad_norm):
+                self._skip_step()
+                return group_loss
+            self._meter.add_step(group_loss * group_size, correct, local_samples, grad_norm, clipped)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+        return group_loss
+
+    def _accumulate_gradients(self, group: list[Batch], group_size: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the group's micro-batches; returns (group mean loss, correct)."""
         self.optimizer.zero_grad(set_to_none=True)
         group_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for inputs, targets in group:
+        micro_batches = split_micro_batches(group, self.micro_batch_size)
+        for index, (inputs, targets) in enumerate(micro_batches):
             inputs, targets = self._to_device(inputs), targets.to(self.device, non_blocking=True)
-            with self._autocast():
-                logits = self.forward(inputs)
-                loss = self.loss_fn(logits, targets)
-            # Mean loss of the micro-batch, weighted by its share of the group: the sum over
-            # the group equals the mean loss of one big batch, even for a short last group.
-            share = loss * (len(targets) / group_size)
-            self.scaler.scale(share).backward()
+            with self._gradient_sync(index == len(micro_batches) - 1):
+                with phase("forward"), self._autocast():
+                    logits = self.forward(inputs)
+                    loss = self.loss_fn(logits, targets)
+                # Mean loss of the micro-batch, weighted by its share of the group: the sum over
+                # the group equals the mean loss of one big batch, even for a short last group.
+                share = loss * (len(targets) / group_size)
+                with phase("backward"):
+                    self.scaler.scale(share).backward()
             group_loss += share.detach().double()
             correct += (logits.detach().argmax(dim=1) == targets).sum()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm, clipped = self._clip_gradients()
-        if self._is_nonfinite_step(group_loss, grad_norm):
-            self._skip_step()
-            return group_loss
-        self._meter.add_step(group_loss * group_size, correct, group_size, grad_norm, clipped)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return group_loss
+        return group_loss, correct
+
+    def _back_off_after_oom(self, group: list[Batch]) -> None:
+        """Out of memory: halve the micro-batch for the rest of training; the caller retries the group.
+
+        The group (effective batch, data order, loss weighting) stays the same: only the number
+        of forward/backward passes it takes grows.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        full_batch = max(len(targets) for _, targets in group)
+        current = min(self.micro_batch_size or full_batch, full_batch)
+        step = self.state.global_step + 1
+        if current <= 1:
+            raise TrainkitError(
+                f"out of memory at step {step} even with a micro-batch of 1; use a smaller model, "
+                f"--grad-checkpointing, --precision bf16 or a device with more memory"
+            )
+        self.micro_batch_size = (current + 1) // 2
+        micro_batches_per_step = self.config.accumulate * math.ceil(full_batch / self.micro_batch_size)
+        log.warning(
+            "out of memory at step %d with micro-batch %d: continuing with micro-batches of %d x accumulation %d",
+            step, current, self.micro_batch_size, micro_batches_per_step,
+        )  # fmt: skip
 
     def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip by value and/or norm; return the pre-clip total norm and whether anything was clipped."""
@@ -345,6 +445,17 @@ class Trainer:
         inputs = inputs.to(self.device, non_blocking=True)
         return inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
 
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel: all-reduces (averages) gradients during backward."""
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def _gradient_sync(self, last_micro_batch: bool):
+        """Under DDP, all-reduce gradients only in the backward of a group's last micro-batch."""
+        if self.ddp_model is None or last_micro_batch:
+            return nullcontext()
+        return self.ddp_model.no_sync()
+
     def _autocast(self):
         if self.amp_dtype is None:
             return nullcontext()
@@ -362,7 +473,7 @@ class Trainer:
         finite = torch.isfinite(loss)
         if not self.scaler.is_enabled():  # with fp16, inf gradients are the GradScaler's business
             finite &= torch.isfinite(grad_norm)
-        if bool(finite):
+        if distributed.every_rank(bool(finite)):  # DDP: all ranks skip or roll back together
             return False
         self.scaler.update()  # closes this step's GradScaler bookkeeping (no-op without fp16)
         if self.config.on_nonfinite == "rollback":
@@ -376,8 +487,17 @@ class Trainer:
         self._meter.skipped += 1
         self.scheduler.step()
 
+    def _first_nonfinite_step(self) -> int:
+        """The earliest step flagged on any rank (-1: none), so all ranks raise at the same check."""
+        if not self.distributed:
+            return int(self._nonfinite_step.item())
+        never = torch.iinfo(torch.long).max
+        flagged = torch.where(self._nonfinite_step < 0, never, self._nonfinite_step)
+        step = int(distributed.all_reduce_min(flagged).item())
+        return -1 if step == never else step
+
     def _raise_if_nonfinite(self, steps_per_epoch: int) -> None:
-        step = int(self._nonfinite_step.item())
+        step = self._first_nonfinite_step()
         if step < 0:
             return
         raise NonFiniteLossError(
@@ -409,8 +529,13 @@ class Trainer:
     # -------------------------------------------------------------- evaluation
     @torch.inference_mode()
     def evaluate(self, batches: Iterable[Batch] | DeviceBatches) -> dict[str, float]:
-        """Mean loss and accuracy in eval mode (BatchNorm running stats, no dropout)."""
+        """Mean loss and accuracy in eval mode (BatchNorm running stats, no dropout).
+
+        Under DDP each rank evaluates its shard with rank 0's BatchNorm statistics and the sums
+        are all-reduced, so every rank returns the same numbers.
+        """
         self.model.eval()
+        distributed.broadcast_buffers(self.model)
         if isinstance(batches, DeviceBatches):
             batches = batches.epoch(0)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -419,14 +544,16 @@ class Trainer:
         for inputs, targets in batches:
             inputs, targets = self._to_device(inputs), targets.to(self.device)
             with self._autocast():
-                logits = self.forward(inputs)
+                logits = self.eval_forward(inputs)
                 loss_sum += self.loss_fn(logits, targets).double() * len(targets)
             correct += (logits.argmax(dim=1) == targets).sum()
             samples += len(targets)
             crash_point("validation")
+        totals = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(samples))])
+        loss_total, correct_total, samples = distributed.all_reduce_sum(totals).tolist()
         if samples == 0:
             raise TrainkitError("cannot evaluate on an empty dataset")
-        return {"loss": loss_sum.item() / samples, "accuracy": correct.item() / samples}
+        return {"loss": loss_total / samples, "accuracy": correct_total / samples}
 
     @torch.inference_mode()
     def predict(self, inputs: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -440,7 +567,7 @@ class Trainer:
         outputs = []
         for start in range(0, len(inputs), batch_size):
             with self._autocast():
-                outputs.append(self.forward(self._to_device(inputs[start : start + batch_size])).float())
+                outputs.append(self.eval_forward(self._to_device(inputs[start : start + batch_size])).float())
         return torch.cat(outputs)
 
     # ------------------------------------------------------------ checkpoints
@@ -451,7 +578,8 @@ class Trainer:
         it training got, with the epoch's running metrics, so a mid-epoch resume is exact.
         """
         position = None if epoch_complete else {"batches_done": self._batches_done, "meter": self._meter.state_dict()}
-        return {
+        rng = self._rng_state()
+        payload = {
             "format": "trainkit-checkpoint",
             "format_version": 2,
             "versions": {"trainkit": trainkit.__version__, "torch": str(torch.__version__)},
@@ -470,21 +598,38 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
             "callbacks": {type(callback).__name__: callback.state_dict() for callback in self.callbacks},
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-                "numpy": numpy_rng_state(),
-            },
+            "rng": rng,
+        }
+        if self.distributed:  # each rank's dropout stream and running sums, for an exact resume
+            meter = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self._meter.state_dict().items()}
+            payload["per_rank"] = distributed.gather_objects({"rng": rng, "meter": meter})
+        return payload
+
+    @staticmethod
+    def _rng_state() -> dict[str, Any]:
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": numpy_rng_state(),
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
+        saved_world = payload.get("run_info", {}).get("world_size", 1)
+        if saved_world != self.world_size:
+            raise CheckpointError(
+                f"this checkpoint was written by {saved_world} process(es) but {self.world_size} are running; "
+                f"resume with the same number of processes (torchrun --nproc_per_node x --nnodes)"
+            )
+        own = payload["per_rank"][self.rank] if "per_rank" in payload else None
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
         position = payload["position"]
+        if position is not None and own is not None:
+            position = {**position, "meter": own["meter"]}
         # mid-epoch: the loop re-enters the epoch in progress and skips the batches already done
         self.state.epoch = payload["epoch"] - (1 if position is not None else 0)
         self._pending_position = position
@@ -497,11 +642,12 @@ class Trainer:
             saved = payload["callbacks"].get(type(callback).__name__)
             if saved:
                 callback.load_state_dict(saved)
-        torch.set_rng_state(payload["rng"]["torch"])
-        if payload["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        random.setstate(payload["rng"]["python"])
-        set_numpy_rng_state(payload["rng"]["numpy"])
+        rng = own["rng"] if own is not None else payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        set_numpy_rng_state(rng["numpy"])
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
         """Best by the same rule as early stopping (monitor, mode, min_delta), so both agree."""
@@ -511,31 +657,59 @@ class Trainer:
         self.best_metric, self.best_epoch = value, self.state.epoch
         return True
 
+    def _weights_finite(self) -> bool:
+        """No NaN/inf in the weights or buffers, on every rank (all ranks then decide alike)."""
+        return distributed.every_rank(all_finite(self.model.state_dict()))
+
     def _save_checkpoint(self, *, epoch_complete: bool, is_best: bool) -> Path | None:
-        """Save unless the weights are non-finite; a failed save never loses earlier checkpoints."""
+        """Save unless the weights are non-finite; a failed save never loses earlier checkpoints.
+
+        Under DDP every rank builds the payload (it gathers per-rank state) and learns the
+        outcome of rank 0's write, so a failed save stops all ranks or none.
+        """
         if self.checkpoints is None:
             return None
-        if not all_finite(self.model.state_dict()):
+        if not self._weights_finite():
             log.error("not saving a checkpoint at step %d: the weights hold NaN/inf", self.state.global_step)
             return None
+        payload = self.state_dict(epoch_complete=epoch_complete)
         step = None if epoch_complete else self.state.global_step
-        try:
-            return self.checkpoints.save(
-                self.state_dict(epoch_complete=epoch_complete), epoch=self.state.epoch, step=step, is_best=is_best
-            )
-        except Exception as exc:  # disk full, permissions, I/O errors: report, keep the old files
-            message = f"could not save a checkpoint at step {self.state.global_step}: {exc}; earlier checkpoints are intact"
-            if self.config.on_save_error == "stop":
-                raise CheckpointError(message) from exc
-            log.error("%s; training continues (--on-save-error stop to stop instead)", message)
-            return None
+        path, failure, message = None, None, None
+        if self.is_main:
+            try:
+                path = self.checkpoints.save(payload, epoch=self.state.epoch, step=step, is_best=is_best)
+            except Exception as exc:  # disk full, permissions, I/O errors: report, keep the old files
+                failure = exc
+                message = (f"could not save a checkpoint at step {self.state.global_step}: {exc}; "
+                           f"earlier checkpoints are intact")  # fmt: skip
+        path, message = distributed.broadcast_object((path, message))
+        if message is None:
+            return path
+        if self.config.on_save_error == "stop":
+            raise CheckpointError(message) from failure
+        log.error("%s; training continues (--on-save-error stop to stop instead)", message)
+        return None
+
+    def _interrupt_agreed(self) -> bool:
+        """Stop now? Signals may reach ranks at different steps: under DDP, one signalled rank
+        stops them all at the same step (rank 0 saves), so no rank waits for the others forever."""
+        return distributed.any_rank(self.interrupt_reason is not None)
+
+    def _agree_on_stop(self) -> None:
+        """Early stopping decides on rank 0; every rank follows, so no rank trains on alone."""
+        if self.distributed:
+            decision = distributed.broadcast_object((self.state.stop_requested, self.state.stop_reason))
+            self.state.stop_requested, self.state.stop_reason = decision
 
     def _stop_if_interrupted(self, checkpoint: Path | None) -> None:
-        if self.interrupt_reason is None:
-            return
+        if self._interrupt_agreed():
+            self._raise_interrupted(checkpoint)
+
+    def _raise_interrupted(self, checkpoint: Path | None) -> None:
         where = f"saved {checkpoint}" if checkpoint else "no new checkpoint could be saved"
+        reason = self.interrupt_reason or "another rank received a stop signal"
         raise TrainingInterrupted(
-            f"{self.interrupt_reason}: stopped at optimizer step {self.state.global_step}, {where}",
+            f"{reason}: stopped at optimizer step {self.state.global_step}, {where}",
             checkpoint=str(checkpoint) if checkpoint else None,
         )
 

@@ -1,0 +1,183 @@
+"""Data-parallel helpers: the few torch.distributed calls trainkit needs, in one place.
+
+``--strategy ddp`` runs one process per device under ``torchrun``, which sets RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The model is wrapped in
+``torch.nn.parallel.DistributedDataParallel`` (see trainkit.trainer); everything here is
+what the rest of the loop needs around it:
+
+* ``process_group``: init/destroy the default group (NCCL on CUDA, gloo on CPU). On CUDA a
+  second, gloo group carries the small *decisions* (stop? save failed? which metrics?), so
+  agreeing on a Python flag never needs a GPU sync.
+* ``all_reduce_sum`` for metric sums; ``any_rank``/``every_rank`` for flags that must be the
+  same everywhere (interrupts, NaN checks, "are the weights finite?"); ``broadcast_object``
+  for rank 0's decisions (early stopping, checkpoint paths); ``gather_objects`` for per-rank
+  state that a checkpoint must hold (RNG streams, running metric sums).
+
+Every helper is a no-op (returns its input) when no process group is active, so
+single-process code calls them unconditionally. Collectives must be called by all ranks in
+the same order: the trainer calls each of them on every rank, and only the file writes
+themselves are guarded by ``is_main()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from trainkit.errors import ConfigError
+
+log = logging.getLogger("trainkit")
+
+STRATEGIES = ("auto", "single", "ddp")
+LAUNCH_HINT = "torchrun --nproc_per_node N -m trainkit train ..."
+
+T = TypeVar("T")
+_control_group: Any = None  # gloo group for CPU-side decisions (None: the default group)
+
+
+# ------------------------------------------------------------- environment
+def launched_by_torchrun() -> bool:
+    """torchrun (and torch.distributed.run) export these for every worker."""
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def env_rank() -> int:
+    """This process's global rank from the launcher's environment (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_strategy(strategy: str) -> str:
+    """'auto' is ddp when a launcher started several processes, else single; ddp needs torchrun."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    if strategy == "auto":
+        return "ddp" if launched_by_torchrun() and env_world_size() > 1 else "single"
+    if strategy == "ddp" and not launched_by_torchrun():
+        raise ConfigError(f"--strategy ddp needs one process per device: launch with `{LAUNCH_HINT} --strategy ddp`")
+    return strategy
+
+
+def ddp_device(device: torch.device) -> torch.device:
+    """The device of this rank: cuda:LOCAL_RANK on GPUs (one GPU per process), else the CPU."""
+    if device.type != "cuda":
+        return device
+    if device.index is not None and env_world_size() > 1:
+        raise ConfigError(f"--device {device} under ddp: each rank uses cuda:LOCAL_RANK; pass --device cuda or auto")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed, so dropout masks differ between ranks (a function of (seed, rank) alone)."""
+    digest = hashlib.blake2b(f"trainkit-rank:{seed}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
+# ----------------------------------------------------------- process group
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """Join the torchrun job for the duration of the block (NCCL for CUDA, gloo for CPU)."""
+    global _control_group
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+        _control_group = dist.new_group(backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    level = log.level
+    if dist.get_rank() != 0:
+        log.setLevel(logging.ERROR)  # rank 0 logs; the others only report errors
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+        _control_group = None
+        dist.destroy_process_group()
+
+
+def is_active() -> bool:
+    """True inside ``process_group``: the trainer then wraps the model in DDP."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0 logs and writes every file; the other ranks write nothing."""
+    return rank() == 0
+
+
+# ------------------------------------------------------------- collectives
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (device tensors: runs on NCCL or gloo)."""
+    if is_active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    if is_active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on at least one (e.g. a signal reached one rank)."""
+    if not is_active():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(value.item())
+
+
+def every_rank(flag: bool) -> bool:
+    """True on every rank only when it is True on all of them."""
+    return not any_rank(not flag)
+
+
+def broadcast_object(value: T, src: int = 0) -> T:
+    """Rank ``src``'s value on every rank (picklable objects: decisions, paths, metric dicts)."""
+    if not is_active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src, group=_control_group)
+    return box[0]
+
+
+def gather_objects(value: T) -> list[T]:
+    """Every rank's value, in rank order, on every rank."""
+    if not is_active():
+        return [value]
+    found: list[Any] = [None] * world_size()
+    dist.all_gather_object(found, value, group=_control_group)
+    return found
+
+
+def barrier() -> None:
+    """Wait until every rank got here (e.g. all ranks checked --out before rank 0 writes to it)."""
+    if is_active():
+        dist.barrier(group=_control_group)
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running stats), e.g. before evaluation."""
+    if not is_active():
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=src)

@@ -1,0 +1,38 @@
+"""The benchmark harness's arithmetic: FLOP counts and ratios (the timings live in benchmarks/)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from loops import LOOPS, Workload  # noqa: E402
+from run import Case, summarise, training_flops_per_image  # noqa: E402
+
+
+def test_mlp_training_flops_match_the_closed_form_count():
+    # forward 2*MACs; backward: weight grads for every layer, input grads for all but the first
+    macs = [784 * 256, 256 * 128, 128 * 10]
+    expected = 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
+    workload = Workload("mlp", torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,)), 128)
+    assert training_flops_per_image(workload) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ratios_are_taken_against_the_reference_case_of_the_same_group():
+    workload = Workload("mlp", torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), 8)
+    cases = [Case("g", "in_memory", None, workload), Case("g", "trainkit", None, workload)]
+    rows = summarise(cases, {("g", "in_memory"): [2.0, 4.0, 3.0], ("g", "trainkit"): [3.3, 3.0, 9.0]})
+    trainkit = rows[1]
+    assert (trainkit["median_s"], trainkit["min_s"], trainkit["max_s"]) == (3.3, 3.0, 9.0)
+    assert trainkit["ratio"] == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("name", ["trainkit", "dataloader", "in_memory"])
+def test_each_loop_trains_one_epoch_and_times_it(name):
+    x = torch.randn(512, 1, 28, 28)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    seconds = LOOPS[name](Workload("mlp", x, y, 128))
+    assert 0 < seconds < 30
