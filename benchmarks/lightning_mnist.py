@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true, bf16-mixed")
     parser.add_argument("--data-dir", default=os.environ.get("TRAINKIT_DATA_DIR"))
     args = parser.parse_args()
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     L.seed_everything(0, verbose=False)
 
     data = load_dataset("mnist", args.data_dir, val_size=0, seed=0)

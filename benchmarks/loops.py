@@ -16,6 +16,7 @@ seconds, measured inside the loop (model building and framework set-up excluded)
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -141,6 +142,8 @@ def lightning_loop(workload: Workload) -> float:
     """(d) Lightning's Trainer over a DataLoader, configured the way its docs show."""
     import lightning as L
 
+    quiet_lightning()
+
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -177,6 +180,12 @@ def lightning_loop(workload: Workload) -> float:
     )  # fmt: skip
     trainer.fit(Module(), loader)
     return timer.seconds
+
+
+def quiet_lightning() -> None:
+    """Lightning sets its loggers to INFO on import; its banners would drown the results."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 LOOPS = {

@@ -206,8 +206,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("trainkit").setLevel(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     out = Path(args.out)

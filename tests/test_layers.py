@@ -6,6 +6,7 @@ from trainkit.errors import ConfigError
 from trainkit.layers import (
     ACTIVATIONS,
     NORMS,
+    Dropout,
     DropPath,
     IdentityActivation,
     Residual,
@@ -190,3 +191,24 @@ def test_residual_forward_adds_body_output():
     x = torch.randn(3, 4)
     torch.testing.assert_close(block(x), x + body(x))
     assert block.drop_path.p == 0.5
+
+
+def test_dropout_keeps_1_minus_p_scales_by_its_inverse_and_passes_the_mask_to_the_gradient():
+    torch.manual_seed(0)
+    layer = Dropout(0.3).train()
+    inputs = torch.ones(400, 500, requires_grad=True)
+    out = layer(inputs)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    out.sum().backward()
+    torch.testing.assert_close(inputs.grad, kept.float() / 0.7)
+
+
+def test_dropout_is_identity_in_eval_keeps_bf16_and_is_an_nn_dropout():
+    layer = Dropout(0.5)
+    assert isinstance(layer, torch.nn.Dropout)
+    inputs = torch.randn(64, 32, dtype=torch.bfloat16)
+    assert layer.train()(inputs).dtype == torch.bfloat16
+    assert torch.equal(layer.eval()(inputs), inputs)
+    assert torch.equal(Dropout(0.0).train()(inputs), inputs)

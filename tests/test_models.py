@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from trainkit.errors import ConfigError
-from trainkit.layers import DropPath, Residual
+from trainkit.layers import Dropout, DropPath, Residual
 from trainkit.models import (
     MODEL_NAMES,
     build_model,
@@ -52,7 +52,7 @@ def test_mlp_default_parameter_count():
 def test_mlp_dropout_and_norm_options():
     model = mlp(hidden=(32,), norm="layer", dropout=0.2, activation="tanh")
     kinds = [type(m) for m in model]
-    assert kinds == [nn.Flatten, nn.Linear, nn.LayerNorm, nn.Tanh, nn.Dropout, nn.Linear]
+    assert kinds == [nn.Flatten, nn.Linear, nn.LayerNorm, nn.Tanh, Dropout, nn.Linear]
     assert model[4].p == 0.2
     assert not any(isinstance(m, nn.Dropout) for m in mlp())
 
@@ -89,7 +89,7 @@ def test_residual_mlp_dropout_inside_blocks():
     model = residual_mlp(width=16, depth=2, dropout=0.1)
     block = next(m for m in model if isinstance(m, Residual))
     assert [type(m) for m in block.body] == [
-        nn.LayerNorm, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear
+        nn.LayerNorm, nn.Linear, nn.ReLU, Dropout, nn.Linear
     ]
 
 
@@ -124,7 +124,7 @@ def test_cnn_norm_and_dropout_options():
     model = cnn(channels=(8, 16), norm="group", dropout=0.25, image_size=32, in_channels=3)
     groups = [m for m in model if isinstance(m, nn.GroupNorm)]
     assert [g.num_groups for g in groups] == [8, 8]
-    assert [type(m) for m in model[-3:]] == [nn.Flatten, nn.Dropout, nn.Linear]
+    assert [type(m) for m in model[-3:]] == [nn.Flatten, Dropout, nn.Linear]
     assert model[-1].in_features == 16 * 8 * 8
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -229,5 +229,5 @@ def test_mlp_norm_after_dropout_reorders_each_block():
 
     default = [type(m) for m in mlp(hidden=(8,), dropout=0.5)]
     reordered = [type(m) for m in mlp(hidden=(8,), dropout=0.5, norm_after_dropout=True)]
-    assert default == [tnn.Flatten, tnn.Linear, tnn.BatchNorm1d, tnn.ReLU, tnn.Dropout, tnn.Linear]
-    assert reordered == [tnn.Flatten, tnn.Linear, tnn.ReLU, tnn.Dropout, tnn.BatchNorm1d, tnn.Linear]
+    assert default == [tnn.Flatten, tnn.Linear, tnn.BatchNorm1d, tnn.ReLU, Dropout, tnn.Linear]
+    assert reordered == [tnn.Flatten, tnn.Linear, tnn.ReLU, Dropout, tnn.BatchNorm1d, tnn.Linear]

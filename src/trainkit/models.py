@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from trainkit.errors import ConfigError
 from trainkit.layers import (
     NORMS,
+    Dropout,
     Residual,
     activation_layer,
     activation_name,
@@ -58,7 +59,7 @@ def _check_widths(what: str, widths: Sequence[int], *, allow_empty: bool) -> tup
 
 def _dropout_layers(dropout: float) -> list[nn.Module]:
     """A Dropout layer, or nothing when dropout is 0 (keeps printed models and checkpoints lean)."""
-    return [nn.Dropout(dropout)] if dropout > 0 else []
+    return [Dropout(dropout)] if dropout > 0 else []
 
 
 # ---------------------------------------------------------------------------- MLPs

@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from trainkit.callbacks import Callback, TrainState
 from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError
+from trainkit.run import seeded_data_and_model, training_batches
 from trainkit.trainer import Trainer, resolve_device
 
 log = logging.getLogger("trainkit")
@@ -101,24 +102,14 @@ class StepProfiler(Callback):
 def profile_training(config: TrainConfig, *, steps: int = 20, warmup_steps: int = 5) -> tuple[ProfileResult, Path]:
     """Profile ``steps`` optimizer steps of the configured run after ``warmup_steps``; writes
     profile.txt and trace.json into ``config.out`` (default runs/profile-<time>)."""
-    from trainkit.data import DeviceBatches
-    from trainkit.run import build_model_from_config, load_training_data, resolve_auto_batch_size, seed_everything
-
     if steps < 1 or warmup_steps < 0:
         raise ConfigError(f"--steps must be >= 1 and --warmup-steps >= 0, got {steps} and {warmup_steps}")
     config = dataclasses.replace(config, lr=1e-3 if config.lr == "auto" else config.lr).resolved()
     device = resolve_device(config.device)
     out_dir = Path(config.out) if config.out else Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
-    data = load_training_data(config, device)
-    model = build_model_from_config(config, data).to(device)
-    if config.batch_size == "auto":
-        config = resolve_auto_batch_size(config, model, data)
-    batches = DeviceBatches(data.train.x, data.train.y, config.batch_size, seed=config.seed,
-                            augment_shift=config.augment_shift)  # fmt: skip
+    config, data, model = seeded_data_and_model(config, device)
+    batches = training_batches(config, data)
     steps_per_epoch = math.ceil(len(batches) / config.accumulate)
     epochs = math.ceil((warmup_steps + steps) / steps_per_epoch) + 1  # fit must not end first
     config = dataclasses.replace(config, epochs=max(epochs, config.epochs), patience=0)

@@ -252,14 +252,9 @@ def _train_run(
     distributed.barrier()  # every rank checked --out before rank 0 writes into it
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-
-    seed_everything(config.seed)
-    data = load_training_data(config, device)
-    model = build_model_from_config(config, data).to(device)  # the same on every rank: same seed
-    if config.batch_size == "auto":  # resolved before config.json is written: --resume reuses the choice
-        config = resolve_auto_batch_size(config, model, data)
+    # the model is the same on every rank (same seed); --batch-size auto is resolved before
+    # config.json is written, so --resume reuses the choice
+    config, data, model = seeded_data_and_model(config, device)
     if main:
         write_atomically(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     if world > 1:
@@ -343,16 +338,22 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
     device = resolve_device(config.device)
     out_dir = Path(config.out) if config.out else Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    config, data, model = seeded_data_and_model(config, device)
+    found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
+    return {"out": str(out_dir), **{key: found[key] for key in ("suggested_lr", "suggestions", "stopped_early")}}
+
+
+def seeded_data_and_model(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, DatasetSplits, nn.Module]:
+    """Threads, seeds, the data and the initialised model on ``device``, with --batch-size auto
+    resolved: the start shared by train, profile and lr-find, so they see the same run."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     data = load_training_data(config, device)
     model = build_model_from_config(config, data).to(device)
     if config.batch_size == "auto":
         config = resolve_auto_batch_size(config, model, data)
-    batches = DeviceBatches(
-        data.train.x, data.train.y, config.batch_size, seed=config.seed, augment_shift=config.augment_shift
-    )
-    found = resolve_auto_lr(config, model, batches, out_dir, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
-    return {"out": str(out_dir), **{key: found[key] for key in ("suggested_lr", "suggestions", "stopped_early")}}
+    return config, data, model
 
 
 def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: DatasetSplits) -> TrainConfig:
