@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 # otherwise trainkit looks in its cache and downloads with md5 verification.
 export TRAINKIT_DATA_DIR ?= $(firstword $(wildcard $(CURDIR)/../shared/datasets))
 
-.PHONY: setup train test
+.PHONY: setup train test bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +23,8 @@ train: setup
 
 test: setup
 	TRAINKIT_OFFLINE=1 $(PY) -m pytest
+
+# Speed benchmarks (docs/benchmarks.md): Lightning is a benchmark-only extra, same torch.
+bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/run.py --quick

@@ -2,7 +2,7 @@
 
     python benchmarks/run.py [--quick] [--data-dir ../shared/datasets] [--out benchmarks/results]
 
-Runs are interleaved (A B C D A B C D ...) so that drift on a noisy machine hits every
+Runs are interleaved (A B C D, B C D A, ...) so that drift on a noisy machine hits every
 loop alike; each cell reports the median seconds per epoch with min-max and its ratio to
 the hand-written in-memory loop (c) measured in the same rounds. An "epoch" is the 55,000
 MNIST training images (the 5,000 validation images held out); where a run trains on a
@@ -50,11 +50,24 @@ class Case:
         return self.loop(self.workload) * EPOCH_IMAGES / len(self.workload.y)
 
 
+def round_order(cases: list[Case], round_: int) -> list[Case]:
+    """Every case once, each group's cases rotated by the round (A B C D, B C D A, ...): the
+    first run after a switch of workload pays for allocator growth, and no loop should always
+    be the one that pays."""
+    groups = list(dict.fromkeys(c.group for c in cases))
+    ordered = []
+    for group in groups:
+        members = [c for c in cases if c.group == group]
+        shift = round_ % len(members)
+        ordered += members[shift:] + members[:shift]
+    return ordered
+
+
 def run_interleaved(cases: list[Case], repeats: int) -> dict[tuple[str, str], list[float]]:
-    """Round r runs every case once, in order; returns each case's seconds per round."""
+    """Round r runs every case once (see round_order); returns each case's seconds per round."""
     times: dict[tuple[str, str], list[float]] = {(c.group, c.name): [] for c in cases}
     for round_ in range(repeats):
-        for case in cases:
+        for case in round_order(cases, round_):
             seconds = case.seconds_per_epoch()
             times[(case.group, case.name)].append(seconds)
             print(f"  round {round_ + 1}/{repeats}  {case.group:<28} {case.name:<24} {seconds:7.2f} s/epoch", flush=True)

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from loops import LOOPS, Workload  # noqa: E402
-from run import Case, summarise, training_flops_per_image  # noqa: E402
+from run import Case, round_order, summarise, training_flops_per_image  # noqa: E402
 
 
 def test_mlp_training_flops_match_the_closed_form_count():
@@ -36,3 +36,12 @@ def test_each_loop_trains_one_epoch_and_times_it(name):
     y = (x.mean(dim=(1, 2, 3)) > 0).long()
     seconds = LOOPS[name](Workload("mlp", x, y, 128))
     assert 0 < seconds < 30
+
+
+def test_each_round_runs_every_case_once_and_rotates_who_goes_first():
+    workload = Workload("mlp", torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), 8)
+    cases = [Case(group, name, None, workload) for group in ("g1", "g2") for name in "abc"]
+    orders = [[(c.group, c.name) for c in round_order(cases, r)] for r in range(3)]
+    assert all(sorted(order) == sorted((c.group, c.name) for c in cases) for order in orders)
+    assert [order[0][1] for order in orders] == ["a", "b", "c"]
+    assert [order[3][1] for order in orders] == ["a", "b", "c"]

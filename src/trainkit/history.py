@@ -33,9 +33,11 @@ class EpochMeter:
         self.skipped = 0
 
     def add_step(
-        self, loss_sum: torch.Tensor, correct: torch.Tensor, samples: int, grad_norm: torch.Tensor, clipped: torch.Tensor
+        self, mean_loss: torch.Tensor, loss_weight: float, correct: torch.Tensor, samples: int,
+        grad_norm: torch.Tensor, clipped: torch.Tensor,
     ) -> None:
-        self.loss_sum += loss_sum
+        """One in-place add per sum (each tiny op costs microseconds per step on a CPU)."""
+        self.loss_sum.add_(mean_loss, alpha=loss_weight)
         self.correct += correct
         self.samples += samples
         self.grad_norm_sum += grad_norm

@@ -56,7 +56,7 @@ from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rat
 log = logging.getLogger("trainkit")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-NONFINITE_CHECK_EVERY = 50  # optimizer steps between reads of the on-device NaN flag ("raise")
+NONFINITE_CHECK_EVERY = 50  # optimizer steps between looks at the logged losses ("raise")
 
 
 class NonFiniteStep(Exception):
@@ -232,7 +232,10 @@ class Trainer:
         self._batches_done = 0  # micro-batches of the current epoch already trained on
         self._pending_position: dict[str, Any] | None = None  # set when resuming mid-epoch
         self._fallback_state: dict[str, Any] | None = None
-        self._nonfinite_step = torch.full((), -1, device=self.device, dtype=torch.long)
+        # "raise": each step's loss tensor is kept (no device op, no sync) and checked every
+        # NONFINITE_CHECK_EVERY steps; _unchecked_from is the optimizer step of the first entry
+        self._unchecked_losses: list[torch.Tensor] = []
+        self._unchecked_from = 1
 
     # ----------------------------------------------------------------- fitting
     def fit(
@@ -371,7 +374,7 @@ class Trainer:
             if self._is_nonfinite_step(group_loss, grad_norm):
                 self._skip_step()
                 return group_loss
-            self._meter.add_step(group_loss * group_size, correct, local_samples, grad_norm, clipped)
+            self._meter.add_step(group_loss, group_size, correct, local_samples, grad_norm, clipped)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -380,8 +383,8 @@ class Trainer:
     def _accumulate_gradients(self, group: list[Batch], group_size: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over the group's micro-batches; returns (group mean loss, correct)."""
         self.optimizer.zero_grad(set_to_none=True)
-        group_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        group_loss: torch.Tensor | None = None
+        correct: torch.Tensor | None = None
         micro_batches = split_micro_batches(group, self.micro_batch_size)
         for index, (inputs, targets) in enumerate(micro_batches):
             inputs, targets = self._to_device(inputs), targets.to(self.device, non_blocking=True)
@@ -394,8 +397,9 @@ class Trainer:
                 share = loss * (len(targets) / group_size)
                 with phase("backward"):
                     self.scaler.scale(share).backward()
-            group_loss += share.detach().double()
-            correct += (logits.detach().argmax(dim=1) == targets).sum()
+            step_correct = (logits.detach().argmax(dim=1) == targets).sum()
+            group_loss = share.detach() if group_loss is None else group_loss + share.detach()
+            correct = step_correct if correct is None else correct + step_correct
         return group_loss, correct
 
     def _back_off_after_oom(self, group: list[Batch]) -> None:
@@ -426,20 +430,22 @@ class Trainer:
         """Clip by value and/or norm; return the pre-clip total norm and whether anything was clipped."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
-        clipped = torch.zeros((), device=self.device, dtype=torch.bool)
-        if self.config.clip_value is not None or self.config.clip_norm is None:
+        clip_value, clip_norm = self.config.clip_value, self.config.clip_norm
+        if clip_value is not None or clip_norm is None:
             pre_clip_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self.config.clip_value is not None:
-            max_abs = torch.stack([g.abs().max() for g in grads]).max()
-            clipped |= max_abs > self.config.clip_value
-            torch.nn.utils.clip_grad_value_(params, self.config.clip_value, foreach=True)
-        if self.config.clip_norm is not None:
+        clipped = None
+        if clip_value is not None:
+            clipped = torch.stack([g.abs().max() for g in grads]).max() > clip_value
+            torch.nn.utils.clip_grad_value_(params, clip_value, foreach=True)
+        if clip_norm is not None:
             # returns the norm before its own clipping: the pre-clip norm unless value-clipping ran first
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip_norm, foreach=True)
-            clipped |= norm > self.config.clip_norm
-            if self.config.clip_value is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+            clipped = norm > clip_norm if clipped is None else clipped | (norm > clip_norm)
+            if clip_value is None:
                 pre_clip_norm = norm
-        return pre_clip_norm.double(), clipped.double()
+        if clipped is None:  # no clipping configured
+            clipped = torch.zeros((), device=self.device, dtype=torch.bool)
+        return pre_clip_norm, clipped
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
         inputs = inputs.to(self.device, non_blocking=True)
@@ -467,8 +473,9 @@ class Trainer:
         "skip"/"rollback" must decide now, at the cost of one sync per step."""
         step = self.state.global_step + 1
         if self.config.on_nonfinite == "raise":
-            first_time = (self._nonfinite_step < 0) & ~torch.isfinite(loss)
-            self._nonfinite_step = torch.where(first_time, step, self._nonfinite_step)
+            if not self._unchecked_losses:
+                self._unchecked_from = step
+            self._unchecked_losses.append(loss)
             return False
         finite = torch.isfinite(loss)
         if not self.scaler.is_enabled():  # with fp16, inf gradients are the GradScaler's business
@@ -488,12 +495,19 @@ class Trainer:
         self.scheduler.step()
 
     def _first_nonfinite_step(self) -> int:
-        """The earliest step flagged on any rank (-1: none), so all ranks raise at the same check."""
-        if not self.distributed:
-            return int(self._nonfinite_step.item())
+        """The earliest logged step whose loss is NaN/inf, on any rank (-1: none); empties the log.
+
+        Under DDP the minimum over ranks is taken, so all ranks raise at the same check.
+        """
         never = torch.iinfo(torch.long).max
-        flagged = torch.where(self._nonfinite_step < 0, never, self._nonfinite_step)
-        step = int(distributed.all_reduce_min(flagged).item())
+        step = never
+        if self._unchecked_losses:
+            bad = (~torch.isfinite(torch.stack(self._unchecked_losses))).nonzero()
+            if len(bad):
+                step = self._unchecked_from + int(bad[0])
+            self._unchecked_losses = []
+        if self.distributed:
+            step = int(distributed.all_reduce_min(torch.tensor(step, device=self.device)).item())
         return -1 if step == never else step
 
     def _raise_if_nonfinite(self, steps_per_epoch: int) -> None:
