@@ -143,7 +143,7 @@ class Dropout(nn.Dropout):
 
     Same distribution and scaling (keep with probability 1 - p, scale kept values by
     1 / (1 - p)), but CPU ``bernoulli_`` draws element by element: at the MNIST MLP's batch
-    512 it took as long as all the matmuls of the step, and this mask is ~2.5x faster
+    512 it took as long as all the matmuls of the step, and this mask is ~3x faster
     (docs/benchmarks.md). On CUDA the fused library kernel is used unchanged.
     """
 
