@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -157,33 +157,35 @@ def fast_path_cases(data, mlp_images: int, cnn_images: int) -> list[Case]:
 
 
 # ----------------------------------------------------------------------- reporting
+def markdown(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table; ``columns`` are (title, alignment rule: "---" or "---:" for numbers)."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    return "\n".join([line(t for t, _ in columns), line(a for _, a in columns), *map(line, rows)])
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| workload | loop / setting | s/epoch median | min-max | ratio | runs | images timed |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: |"]  # fmt: skip
-    for r in rows:
-        lines.append(
-            f"| {r['group']} | {r['case']} | {r['median_s']:.2f} | {r['min_s']:.2f}-{r['max_s']:.2f} "
-            f"| {r['ratio']:.2f}x vs {r['reference']} | {r['runs']} | {r['images_timed']:,} |"
-        )
-    return "\n".join(lines)
+    columns = [("workload", "---"), ("loop / setting", "---"), ("s/epoch median", "---:"), ("min-max", "---"),
+               ("ratio", "---:"), ("runs", "---:"), ("images timed", "---:")]  # fmt: skip
+    return markdown(columns, (
+        [r["group"], r["case"], f"{r['median_s']:.2f}", f"{r['min_s']:.2f}-{r['max_s']:.2f}",
+         f"{r['ratio']:.2f}x vs {r['reference']}", str(r["runs"]), f"{r['images_timed']:,}"]
+        for r in rows
+    ))  # fmt: skip
 
 
 def limit_table(limits: list[dict]) -> str:
-    lines = ["| workload | GFLOP/epoch (fwd+bwd) | s/epoch at fp32 peak | at bf16 peak | in_memory (c) | trainkit (a) | trainkit / fp32 limit |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for r in limits:
-        lines.append(
-            f"| {r['group']} | {r['gflop_per_epoch']:.1f} | {r['limit_fp32_s']:.2f} | {r['limit_bf16_s']:.2f} "
-            f"| {r['in_memory_s']:.2f} | {r['trainkit_s']:.2f} | {r['trainkit_s'] / r['limit_fp32_s']:.2f}x |"
-        )
-    return "\n".join(lines)
+    columns = [("workload", "---"), ("GFLOP/epoch (fwd+bwd)", "---:"), ("s/epoch at fp32 peak", "---:"),
+               ("at bf16 peak", "---:"), ("in_memory (c)", "---:"), ("trainkit (a)", "---:"),
+               ("trainkit / fp32 limit", "---:")]  # fmt: skip
+    return markdown(columns, (
+        [r["group"], f"{r['gflop_per_epoch']:.1f}", f"{r['limit_fp32_s']:.2f}", f"{r['limit_bf16_s']:.2f}",
+         f"{r['in_memory_s']:.2f}", f"{r['trainkit_s']:.2f}", f"{r['trainkit_s'] / r['limit_fp32_s']:.2f}x"]
+        for r in limits
+    ))  # fmt: skip
 
 
 def plot_loops(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trainkit.plots import plt
 
     groups = list(dict.fromkeys(r["group"] for r in rows))
     loops = list(dict.fromkeys(r["case"] for r in rows))

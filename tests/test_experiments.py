@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import csv
-import logging
 
 from trainkit.experiments import COMPARED_SCHEDULES, compare_schedules
+
+from experiment_checks import assert_rerun_recomputes_only
 
 
 def test_quick_schedule_comparison_writes_every_cell_and_reuses_the_cache(tmp_path, caplog):
@@ -23,14 +24,7 @@ def test_quick_schedule_comparison_writes_every_cell_and_reuses_the_cache(tmp_pa
     report = (out / "report.md").read_text()
     assert all(f"| {name} | 1 |" in report for name in COMPARED_SCHEDULES)
 
-    # a re-run after losing one cell recomputes only that cell, with identical results elsewhere
-    (out / "cells" / "cosine-seed0.json").unlink()
-    with caplog.at_level(logging.INFO, logger="trainkit"):
-        again = compare_schedules(out, quick=True)
-    assert caplog.text.count(": cached") == len(COMPARED_SCHEDULES) - 1
-    assert "cosine-seed0: running" in caplog.text
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rs]  # noqa: E731
-    assert strip(again) == strip(rows), "the re-run cell reproduces its numbers"
+    assert_rerun_recomputes_only(compare_schedules, out, rows, "cosine-seed0", len(COMPARED_SCHEDULES), caplog)
 
 
 def test_a_changed_config_invalidates_the_cached_cell(tmp_path, caplog):

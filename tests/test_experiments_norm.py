@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import logging
 import math
 import shutil
 
@@ -18,6 +17,8 @@ from trainkit.errors import ConfigError
 from trainkit.experiments.norm import BASE_LR, BATCH_SIZES, NORMS_BY_MODEL, compare_norm, eval_mode_pitfall, scaled_lr
 from trainkit.models import cnn, mlp
 from trainkit.trainer import Trainer
+
+from experiment_checks import assert_rerun_recomputes_only
 
 EXPECTED_CELLS = {
     (model, norm, size)
@@ -82,13 +83,7 @@ def test_quick_mode_reports_the_eval_mode_pitfall(quick_run):
 def test_a_rerun_skips_finished_cells_and_reproduces_the_rows(quick_run, tmp_path, caplog):
     out = tmp_path / "cmp"
     shutil.copytree(quick_run[0], out)
-    (out / "cells" / "mlp-layer-bs32-seed0.json").unlink()
-    with caplog.at_level(logging.INFO, logger="trainkit"):
-        again = compare_norm(out, quick=True)
-    assert caplog.text.count(": cached") == len(EXPECTED_CELLS) - 1
-    assert caplog.text.count(": running") == 1 and "mlp-layer-bs32-seed0: running" in caplog.text
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rs]  # noqa: E731
-    assert strip(again) == strip(quick_run[1]), "the re-run cell reproduces its numbers"
+    assert_rerun_recomputes_only(compare_norm, out, quick_run[1], "mlp-layer-bs32-seed0", len(EXPECTED_CELLS), caplog)
 
 
 def test_lr_scaling_rules(tmp_path):

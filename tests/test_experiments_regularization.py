@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import shutil
 
 import pytest
 
 from trainkit.experiments.core import read_history
 from trainkit.experiments.regularization import REPORT_SECTIONS, VARIANTS, compare_regularization
+
+from experiment_checks import assert_rerun_recomputes_only
 
 SETTINGS = ("model", "norm", "dropout", "drop_path", "weight_decay", "norm_after_dropout")
 EXPECTED_SETTINGS = {  # variant -> SETTINGS
@@ -74,10 +75,4 @@ def test_gap_is_the_last_history_rows_train_minus_val_accuracy(quick_run):
 def test_a_rerun_skips_finished_cells_and_reproduces_the_rows(quick_run, tmp_path, caplog):
     out = tmp_path / "cmp"
     shutil.copytree(quick_run[0], out)
-    (out / "cells" / "drop_path-0.1-seed0.json").unlink()
-    with caplog.at_level(logging.INFO, logger="trainkit"):
-        again = compare_regularization(out, quick=True)
-    assert caplog.text.count(": cached") == len(VARIANTS) - 1
-    assert caplog.text.count(": running") == 1 and "drop_path-0.1-seed0: running" in caplog.text
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rs]  # noqa: E731
-    assert strip(again) == strip(quick_run[1]), "the re-run cell reproduces its numbers"
+    assert_rerun_recomputes_only(compare_regularization, out, quick_run[1], "drop_path-0.1-seed0", len(VARIANTS), caplog)

@@ -21,15 +21,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainkit.layers import activation_name
+from trainkit.plots import plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["Diagnostics", "LayerStats", "signal_diagnostics"]
 

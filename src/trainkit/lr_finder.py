@@ -43,15 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from trainkit.errors import ConfigError, TrainkitError
+from trainkit.plots import plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = [
     "LRFinderResult",

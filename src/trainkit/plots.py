@@ -1,4 +1,8 @@
-"""Training curves as PNG files (matplotlib, no display needed)."""
+"""Training curves as PNG files (matplotlib, no display needed).
+
+The one place that picks matplotlib's headless backend: every module that draws imports
+``plt`` from here, so a server without a display never tries to open a window.
+"""
 
 from __future__ import annotations
 

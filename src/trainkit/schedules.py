@@ -339,10 +339,7 @@ def plot_schedules(
     specs: Sequence[ScheduleSpec | str], path: str | Path, *, lr: float, total_steps: int, log_scale: bool = False
 ) -> Path:
     """One PNG comparing the lr curves of ``specs`` over ``total_steps`` optimizer steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from trainkit.plots import plt  # imported here: matplotlib is slow to import and rarely needed
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))

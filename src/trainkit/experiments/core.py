@@ -19,13 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from trainkit.config import TrainConfig  # noqa: E402
-from trainkit.run import train_run, write_atomically  # noqa: E402
+from trainkit.config import TrainConfig
+from trainkit.plots import plt
+from trainkit.run import train_run, write_atomically
 
 log = logging.getLogger("trainkit")
 

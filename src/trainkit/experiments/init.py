@@ -17,19 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from trainkit.callbacks import Callback, TrainState  # noqa: E402
-from trainkit.config import TrainConfig  # noqa: E402
-from trainkit.diagnostics import Diagnostics, LayerStats, signal_diagnostics  # noqa: E402
-from trainkit.errors import NonFiniteLossError  # noqa: E402
-from trainkit.experiments.core import Cell, mean_std, plot_val_accuracy, read_history, run_cells, write_csv  # noqa: E402
-from trainkit.run import build_model_from_config, load_training_data, seed_everything, train_run  # noqa: E402
+from trainkit.callbacks import Callback, TrainState
+from trainkit.config import TrainConfig
+from trainkit.diagnostics import Diagnostics, LayerStats, signal_diagnostics
+from trainkit.errors import NonFiniteLossError
+from trainkit.experiments.core import Cell, mean_std, plot_val_accuracy, read_history, run_cells, write_csv
+from trainkit.plots import plt
+from trainkit.run import build_model_from_config, load_training_data, seed_everything, train_run
 
 log = logging.getLogger("trainkit")
 

@@ -21,19 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from safetensors.torch import load_file
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from torch import nn  # noqa: E402
-
-from trainkit.config import TrainConfig, config_from_dict  # noqa: E402
-from trainkit.errors import ConfigError  # noqa: E402
-from trainkit.experiments.core import Cell, mean_std, run_cells, train_cell, write_csv  # noqa: E402
-from trainkit.run import build_model_from_config, load_training_data  # noqa: E402
-from trainkit.trainer import resolve_device  # noqa: E402
+from trainkit.config import TrainConfig, config_from_dict
+from trainkit.errors import ConfigError
+from trainkit.experiments.core import Cell, mean_std, run_cells, train_cell, write_csv
+from trainkit.plots import plt
+from trainkit.run import build_model_from_config, load_training_data
+from trainkit.trainer import resolve_device
 
 BATCH_SIZES = (8, 32, 128, 512)
 NORMS_BY_MODEL: dict[str, tuple[str, ...]] = {

@@ -13,13 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from trainkit.config import TrainConfig  # noqa: E402
-from trainkit.experiments.core import (  # noqa: E402
+from trainkit.config import TrainConfig
+from trainkit.experiments.core import (
     Cell,
     finish_plot,
     plot_val_accuracy,
@@ -28,6 +23,7 @@ from trainkit.experiments.core import (  # noqa: E402
     train_cell,
     write_csv,
 )
+from trainkit.plots import plt
 
 # Variant name -> what differs from the base config (MLP, BatchNorm, weight decay 0.01).
 # Each run appears once: the default block order at dropout 0.3 is the "dropout-0.3" variant,

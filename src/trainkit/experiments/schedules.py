@@ -7,13 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from trainkit.config import TrainConfig  # noqa: E402
-from trainkit.experiments.core import (  # noqa: E402
+from trainkit.config import TrainConfig
+from trainkit.experiments.core import (
     Cell,
     finish_plot,
     plot_val_accuracy,
@@ -22,8 +17,9 @@ from trainkit.experiments.core import (  # noqa: E402
     train_cell,
     write_csv,
 )
-from trainkit.schedules import lr_curve  # noqa: E402
-from trainkit.trainer import schedule_spec  # noqa: E402
+from trainkit.plots import plt
+from trainkit.schedules import lr_curve
+from trainkit.trainer import schedule_spec
 
 COMPARED_SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
 
