@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -23,7 +24,13 @@ from trainkit.errors import CheckpointError
 
 
 def payload(value: float = 1.0, size: int = 3) -> dict:
-    return {"model": {"w": torch.full((size,), value)}, "epoch": 1, "history": [{"val_loss": 0.5}]}
+    """The smallest payload with every entry a trainkit checkpoint holds."""
+    return {
+        "model": {"w": torch.full((size,), value)}, "epoch": 1, "history": [{"val_loss": 0.5}],
+        "config": {}, "run_info": {}, "optimizer": {}, "scheduler": None, "scaler": {}, "position": None,
+        "global_step": 0, "best_metric": None, "best_epoch": None, "rollbacks": 0, "lr_scale": 1.0,
+        "callbacks": {}, "rng": {"torch": torch.zeros(1, dtype=torch.uint8), "cuda": [], "python": None, "numpy": {}},
+    }  # fmt: skip
 
 
 def test_round_trip_and_plain_torch_load_still_reads_the_file(tmp_path):
@@ -122,7 +129,7 @@ def test_a_malicious_pickle_is_refused_and_does_not_run(tmp_path, monkeypatch, w
 def test_safe_loading_names_the_refused_global(tmp_path, monkeypatch):
     monkeypatch.setenv("PWNED", str(tmp_path / "pwned"))
     malicious_file(tmp_path / "evil.pt", with_valid_trailer=True)
-    with pytest.raises(CheckpointError, match="Unsupported global: GLOBAL (builtins\\.)?exec"):
+    with pytest.raises(CheckpointError, match="refused global (builtins\\.)?exec"):
         load_checkpoint(tmp_path / "evil.pt")
 
 
@@ -130,14 +137,14 @@ def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     save_checkpoint({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a trainkit checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete trainkit checkpoint: no model state"):
         load_checkpoint(tmp_path / "other.pt")
 
 
 def test_names_sort_by_training_position(tmp_path):
     folder = CheckpointDir(tmp_path, keep_last=10)
     for epoch, step in [(1, None), (2, 150), (2, None), (3, 250), (2, 120)]:
-        folder.save(payload(), epoch=epoch, step=step, is_best=False)
+        folder.save(payload(), epoch=epoch, step=step)
     assert [p.path.name for p in folder.checkpoints()] == [
         "epoch-0001.pt", "epoch-0002-step-00000120.pt", "epoch-0002-step-00000150.pt",
         "epoch-0002.pt", "epoch-0003-step-00000250.pt",
@@ -147,8 +154,10 @@ def test_names_sort_by_training_position(tmp_path):
 def test_retention_keeps_the_last_n_every_kth_epoch_and_best(tmp_path):
     folder = CheckpointDir(tmp_path, keep_last=2, keep_every=3)
     for epoch in range(1, 8):
-        folder.save(payload(float(epoch)), epoch=epoch, step=None, is_best=epoch == 2)
-        folder.save(payload(float(epoch)), epoch=epoch + 1, step=epoch * 100, is_best=False)
+        folder.save(payload(float(epoch)), epoch=epoch, step=None)
+        if epoch == 2:
+            folder.save_best(payload(float(epoch)))
+        folder.save(payload(float(epoch)), epoch=epoch + 1, step=epoch * 100)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best.pt", "epoch-0003.pt", "epoch-0006.pt", "epoch-0007.pt", "epoch-0008-step-00000700.pt"]
     assert torch.equal(load_checkpoint(folder.best_path)["model"]["w"], torch.full((3,), 2.0))
@@ -157,7 +166,7 @@ def test_retention_keeps_the_last_n_every_kth_epoch_and_best(tmp_path):
 def test_newest_valid_falls_back_past_damaged_files_and_says_which(tmp_path, caplog):
     folder = CheckpointDir(tmp_path, keep_last=5)
     for epoch in (1, 2, 3):
-        folder.save(payload(float(epoch)), epoch=epoch, step=None, is_best=False)
+        folder.save(payload(float(epoch)), epoch=epoch, step=None)
     newest = folder.path_for(3, None)
     newest.write_bytes(newest.read_bytes()[:-1])
     with caplog.at_level(logging.WARNING, logger="trainkit"):
@@ -166,12 +175,53 @@ def test_newest_valid_falls_back_past_damaged_files_and_says_which(tmp_path, cap
     assert "skipping epoch-0003.pt" in caplog.text and "no integrity trailer" in caplog.text
 
 
+def test_retention_keeps_the_file_it_resumed_from_and_the_one_it_wrote(tmp_path):
+    """The review's E16: damaged files named after the resume point must not push the good ones out."""
+    folder = CheckpointDir(tmp_path, keep_last=3)  # the report got three files by two crashes in retention
+    for epoch, step in ((1, 15), (1, 20), (1, None)):
+        folder.save(payload(float(step or 0)), epoch=epoch, step=step)
+    for damaged in (folder.path_for(1, 20), folder.path_for(1, None)):
+        damaged.write_bytes(damaged.read_bytes()[:-1])
+    folder.keep_last = 1
+    path, _ = folder.newest_valid()
+    assert path.name == "epoch-0001-step-00000015.pt"
+    written = folder.save(payload(20.0), epoch=1, step=20)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["epoch-0001-step-00000020.pt", "epoch-0001-step-00000020.pt.corrupt", "epoch-0001.pt.corrupt"]
+    assert folder.newest_valid()[0] == written
+
+
 def test_leftover_temp_files_are_removed(tmp_path):
     folder = CheckpointDir(tmp_path)
     (tmp_path / ".epoch-0002.pt.1234.tmp").write_bytes(b"partial")
-    folder.save(payload(), epoch=1, step=None, is_best=False)
+    folder.save(payload(), epoch=1, step=None)
     assert [p.name for p in folder.remove_temp_files()] == [".epoch-0002.pt.1234.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0001.pt"]
+
+
+def test_a_full_disk_makes_room_from_older_checkpoints_instead_of_failing_every_save(tmp_path, monkeypatch, caplog):
+    real = ckpt.save_checkpoint
+
+    def save_on_a_disk_with_room_for_two(data, path):
+        if len(list(tmp_path.glob("epoch-*.pt"))) >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(data, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_on_a_disk_with_room_for_two)
+    folder = CheckpointDir(tmp_path, keep_last=3)
+    with caplog.at_level(logging.WARNING, logger="trainkit"):
+        for epoch in (1, 2, 3, 4):
+            folder.save(payload(float(epoch)), epoch=epoch, step=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0003.pt", "epoch-0004.pt"]
+    assert "disk full: deleted epoch-0001.pt to make room (kept epoch-0002.pt)" in caplog.text
+
+    def save_on_a_full_disk(data, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_on_a_full_disk)
+    with pytest.raises(OSError, match="No space"):  # room made once, still full: reported, not retried forever
+        folder.save(payload(5.0), epoch=5, step=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0004.pt"]  # the newest valid file is never deleted
 
 
 def test_model_sha256_changes_with_any_weight_and_is_order_independent():

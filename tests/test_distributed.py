@@ -205,7 +205,9 @@ def test_ddp_final_weights_match_a_single_process_run_with_the_same_global_batch
 
 def test_only_rank_0_writes_files(single_run, ddp_run):
     assert files_in(ddp_run) == files_in(single_run)  # no rank-1 duplicates, no leftover temp files
-    assert not [name for name in files_in(ddp_run) if name.rsplit("/", 1)[-1].startswith(".")]
+    hidden = [name for name in files_in(ddp_run) if name.rsplit("/", 1)[-1].startswith(".")]
+    assert hidden == [".lock"]  # the run folder's lock (trainkit.rundir), no leftover temp files
+    assert (ddp_run / ".lock").read_text().strip() != ""  # rank 0 took it
     assert len(history_rows(ddp_run)) == 2  # one row per epoch, not one per rank
     assert json.loads((ddp_run / "config.json").read_text())["strategy"] == "ddp"
     assert load_checkpoint(ddp_run / "checkpoints" / "epoch-0002.pt")["run_info"]["world_size"] == 2

@@ -16,8 +16,12 @@ from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.memory import (
     MAX_AUTO_BATCH,
+    MemoryEstimate,
     MiB,
     StepMemory,
+    activation_bytes_per_sample,
+    check_model_fits,
+    estimate_training_memory,
     find_batch_size,
     find_batch_size_by_trial,
     largest_fitting_power_of_two,
@@ -159,7 +163,7 @@ def test_train_run_saves_the_resolved_batch_size(synthetic_config, caplog):
 
 def test_config_accepts_auto_and_rejects_other_strings():
     assert TrainConfig(batch_size="auto").resolved().batch_size == "auto"
-    with pytest.raises(ConfigError, match="--batch-size must be an integer >= 1 or 'auto'"):
+    with pytest.raises(ConfigError, match="--batch-size must be an integer or 'auto'"):
         TrainConfig(batch_size="big").resolved()
     with pytest.raises(ConfigError, match="--memory-budget must be a positive"):
         TrainConfig(memory_budget=0).resolved()
@@ -169,3 +173,28 @@ def test_cli_parses_batch_size_auto_and_grad_checkpointing():
     args = build_parser().parse_args(["train", "--batch-size", "auto", "--memory-budget", "2", "--grad-checkpointing"])
     config, _ = train_config_from_args(args)
     assert (config.batch_size, config.memory_budget, config.grad_checkpointing) == ("auto", 2.0, True)
+
+
+# ------------------------------------------------------- refusing what cannot fit
+def test_the_estimate_counts_weights_and_optimizer_state_without_allocating_them():
+    estimate = estimate_training_memory(lambda: nn.Sequential(nn.Linear(10**6, 10**6)), "adamw")  # 4 TB if real
+    assert estimate.parameters == 10**12 + 10**6
+    assert estimate.state_bytes == 16 * estimate.parameters  # weight, gradient, two AdamW moments, fp32
+    assert estimate_training_memory(lambda: nn.Linear(3, 2), "sgd").state_bytes == 12 * 8
+
+
+def test_activations_per_sample_are_every_layer_output_and_leave_no_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.BatchNorm1d(5), nn.ReLU()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = torch.randn(8, 3, 4)
+    rng = torch.get_rng_state()
+    assert activation_bytes_per_sample(model, inputs) == (12 + 5 + 5 + 5) * 4
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_that_cannot_fit_is_refused_naming_the_estimate():
+    with pytest.raises(ConfigError, match=r"would need about .* GiB on cpu \(1 parameters: .* activations at batch 10\)"):
+        check_model_fits(MemoryEstimate(1, 16, 2**62), torch.device("cpu"), batch_size=10, hint="use less")
+    check_model_fits(MemoryEstimate(1, 16, 1024), torch.device("cpu"), batch_size=10, hint="use less")  # fits

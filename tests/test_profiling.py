@@ -49,5 +49,5 @@ def test_profile_command(tmp_path, capsys):
 
 
 def test_rejects_zero_steps(tmp_path):
-    with pytest.raises(ConfigError, match="--steps must be >= 1"):
+    with pytest.raises(ConfigError, match="--steps must be in 1..1000"):
         profile_training(TrainConfig(dataset="synthetic", device="cpu", out=str(tmp_path)), steps=0)

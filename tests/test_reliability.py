@@ -109,3 +109,36 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(damage, uninterrupte
     assert "skipping epoch-0002-step-00000060.pt" in resumed.stderr
     assert "resuming from" in resumed.stderr and "checkpoints/epoch-0001.pt" in resumed.stderr
     assert summary(out)["model_sha256"] == summary(uninterrupted)["model_sha256"]
+
+
+# ------------------------------------------------------------------ signals, everywhere
+@pytest.mark.parametrize(("point", "resumable"), [("launch:1", False), ("start:1", False)])
+def test_sigterm_before_training_is_a_clean_stop_with_status_75(point, resumable, tmp_path):
+    out = tmp_path / "run"
+    stopped = trainkit(out, kill_at=point, signal_name="TERM")
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    assert "received SIGTERM outside the training loop" in stopped.stderr
+    assert "run the same command again" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "kill_at",
+    [
+        "validation:4",  # during the test evaluation, after the last epoch's checkpoint
+        "export:1",  # while writing model.safetensors / summary.json
+        "step:70,save:temp_written:6",  # a second SIGTERM while the interrupt's checkpoint is being written
+    ],
+)
+def test_sigterm_after_or_during_a_stop_exits_75_and_resumes_exactly(kill_at, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    stopped = trainkit(out, kill_at=kill_at, signal_name="TERM")
+    assert stopped.returncode == EXIT_INTERRUPTED, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1].endswith("continue with --resume")
+    if "," in kill_at:
+        assert "received SIGTERM again: already stopping, ignored" in stopped.stderr
+        assert verify_checkpoint(out / "checkpoints" / "epoch-0002-step-00000070.pt") is None
+    resumed = trainkit(out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(out)["model_sha256"] == summary(uninterrupted)["model_sha256"]
+    assert history_values(out) == history_values(uninterrupted)

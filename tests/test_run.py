@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import logging
+import os
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from trainkit.callbacks import Callback
-from trainkit.checkpoint import load_checkpoint, model_sha256, verify_checkpoint
-from trainkit.errors import CheckpointError, ConfigError
+from trainkit.checkpoint import all_finite, load_checkpoint, model_sha256, verify_checkpoint
+from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.run import resume_config, train_run
 
 
@@ -104,20 +109,27 @@ def test_retention_across_a_run_and_best_is_the_best_validation_epoch(synthetic_
     assert load_checkpoint(folder / "best.pt")["epoch"] == best_epoch == summary["best_epoch"]
 
 
+def checkpoint_writes_fail_after(monkeypatch, successes: int, errno_: int = errno.ENOSPC) -> list[str]:
+    """Every checkpoint write after the first ``successes`` fails like a full disk; returns the names tried."""
+    from trainkit import checkpoint as ckpt
+
+    real, tried = ckpt.save_checkpoint, []
+
+    def save(payload, path):
+        tried.append(Path(path).name)
+        if len(tried) > successes:
+            raise OSError(errno_, os.strerror(errno_))
+        return real(payload, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    return tried
+
+
 def test_a_failing_save_is_reported_keeps_earlier_checkpoints_and_training_goes_on(
     synthetic_config, tmp_path, monkeypatch, caplog
 ):
-    from trainkit import checkpoint as ckpt
-
-    real_fsync, calls = ckpt.os.fsync, []
-
-    def fsync_failing_from_the_fourth_call(fd):
-        calls.append(fd)
-        if len(calls) >= 4:
-            raise OSError(28, "No space left on device")
-        real_fsync(fd)
-
-    monkeypatch.setattr(ckpt.os, "fsync", fsync_failing_from_the_fourth_call)
+    checkpoint_writes_fail_after(monkeypatch, successes=2)  # epoch-0001.pt and best.pt
+    caplog.set_level(logging.INFO, logger="trainkit")
     summary = train_run(synthetic_config(epochs=3, patience=0))
     assert summary["epochs_run"] == 3
     assert "No space left on device" in caplog.text and "earlier checkpoints are intact" in caplog.text
@@ -125,12 +137,57 @@ def test_a_failing_save_is_reported_keeps_earlier_checkpoints_and_training_goes_
     names = sorted(p.name for p in folder.iterdir())
     assert names == ["best.pt", "epoch-0001.pt"]
     assert all(verify_checkpoint(p) is None for p in folder.iterdir())
+    # the run says so at the end, in the summary and the last line, instead of looking clean
+    assert summary["failed_saves"] == 2 and summary["best_checkpoint"] == "checkpoints/best.pt"
+    assert "2 checkpoint save(s) failed" in caplog.records[-1].getMessage()
+
+
+def test_a_failed_best_save_is_reported_as_such_and_best_safetensors_never_lies(
+    synthetic_config, tmp_path, monkeypatch, caplog
+):
+    tried = checkpoint_writes_fail_after(monkeypatch, successes=3)  # epoch 1, best (epoch 1), epoch 2; best fails
+    summary = train_run(synthetic_config(epochs=2, patience=0, lr=3e-3))
+    assert tried[:4] == ["epoch-0001.pt", "best.pt", "epoch-0002.pt", "best.pt"], "epoch 2 must improve"
+    assert "saved epoch-0002.pt but could not update best.pt" in caplog.text
+    assert summary["best_epoch"] == 2 and summary["failed_saves"] == 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["epoch"] == 1  # the previous best stays
+    # best.safetensors must hold epoch 2's weights: here the final ones (said in the summary)
+    assert summary["best_weights"] == "the final weights (epoch 2, the best)"
+    best = load_file(tmp_path / "run" / "best.safetensors")
+    assert model_sha256(best) == model_sha256(load_checkpoint(tmp_path / "run" / "checkpoints" / "epoch-0002.pt")["model"])
+
+
+def test_a_full_disk_at_export_is_one_error_and_resume_finishes_the_job(synthetic_config, tmp_path, monkeypatch):
+    from trainkit import run as run_module
+
+    real_export = run_module.export_safetensors
+
+    def export_on_a_full_disk(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module, "export_safetensors", export_on_a_full_disk)
+    with pytest.raises(OutputError, match="model.safetensors: No space left on device.*--resume` finishes the export"):
+        train_run(synthetic_config(epochs=2))
+    assert not (tmp_path / "run" / "summary.json").exists()  # not a finished-looking run
+    monkeypatch.setattr(run_module, "export_safetensors", real_export)
+    reference = train_run(synthetic_config(epochs=2, out=str(tmp_path / "reference")))
+    resumed = train_run(synthetic_config(epochs=2), resume=True)
+    assert resumed["model_sha256"] == reference["model_sha256"]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_skip_with_a_diverging_lr_stops_with_exit_3_and_exports_nothing(synthetic_config, tmp_path):
+    """The review's H2: with --lr 1e6 every step is NaN; skip must not report success at chance accuracy."""
+    with pytest.raises(NonFiniteLossError, match="--max-skipped-steps 5"):  # 10% of 50 steps
+        train_run(synthetic_config(epochs=2, lr=1e6, on_nonfinite="skip", checkpoint_every_steps=10))
+    out = tmp_path / "run"
+    assert not (out / "model.safetensors").exists() and not (out / "summary.json").exists()
+    for path in (out / "checkpoints").glob("*.pt"):
+        assert all_finite(load_checkpoint(path)["model"]), path.name
 
 
 def test_save_error_policy_stop(synthetic_config, monkeypatch):
-    from trainkit import checkpoint as ckpt
-
-    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(13, "Permission denied")))
+    checkpoint_writes_fail_after(monkeypatch, successes=0, errno_=errno.EACCES)
     with pytest.raises(CheckpointError, match="Permission denied"):
         train_run(synthetic_config(epochs=2, on_save_error="stop"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -232,6 +233,51 @@ def test_skip_policy_drops_the_bad_step_counts_it_and_keeps_training():
     assert trainer.state.global_step == 10
 
 
+class InfInputsAt(nn.Module):
+    """Identity, except that on chosen training calls it makes every input inf (poisoning BatchNorm)."""
+
+    def __init__(self, bad_calls: set[int]) -> None:
+        super().__init__()
+        self.bad_calls, self.calls = bad_calls, 0
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        self.calls += 1
+        return x * float("inf") if self.calls in self.bad_calls else x
+
+
+def test_a_skipped_step_also_undoes_its_batchnorm_statistics():
+    x, y = toy_data(80)
+    torch.manual_seed(0)
+    model = nn.Sequential(InfInputsAt({3}), nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    trainer = Trainer(model, plain_config(batch_size=16, epochs=2, on_nonfinite="skip", max_skipped_steps=1))
+    history = trainer.fit(DeviceBatches(x, y, 16))
+    assert [row["skipped_steps"] for row in history] == [1, 0]
+    norm = model[2]
+    assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    assert int(norm.num_batches_tracked) == 9, "the skipped step's forward pass must not count"
+
+
+def test_skipping_more_steps_than_the_cap_stops_like_raise():
+    x, y = toy_data(80)
+    config = plain_config(batch_size=16, epochs=2, on_nonfinite="skip", max_skipped_steps=3)
+    trainer = Trainer(toy_model(), config, loss_fn=NaNAtSteps(from_call=2))
+    with pytest.raises(NonFiniteLossError, match="4 optimizer steps had a NaN/inf loss.*--max-skipped-steps 3"):
+        trainer.fit(DeviceBatches(x, y, 16))
+    default_cap = Trainer(toy_model(), plain_config(batch_size=16, on_nonfinite="skip"), loss_fn=NaNAtSteps({1, 2}))
+    with pytest.raises(NonFiniteLossError, match="--max-skipped-steps 1;"):  # 10% of 5 steps, at least 1
+        default_cap.fit(DeviceBatches(x, y, 16))
+
+
+def test_an_epoch_whose_steps_were_all_skipped_logs_nan_not_a_perfect_loss():
+    x, y = toy_data(80)
+    config = plain_config(batch_size=16, on_nonfinite="skip", max_skipped_steps=10)
+    history = Trainer(toy_model(), config, loss_fn=NaNAtSteps(from_call=1)).fit(DeviceBatches(x, y, 16))
+    assert history[0]["skipped_steps"] == 5
+    assert math.isnan(history[0]["train_loss"]) and math.isnan(history[0]["train_accuracy"])
+
+
 def test_rollback_policy_reloads_and_halves_the_lr(tmp_path):
     x, y = toy_data(80)
     config = plain_config(batch_size=16, epochs=3, on_nonfinite="rollback", schedule="cosine")
@@ -262,10 +308,13 @@ class PoisonWeights(Callback):
                 next(state.model.parameters())[0, 0] = float("nan")
 
 
-def test_no_checkpoint_with_non_finite_weights_is_written_and_nan_never_ranks_best(tmp_path):
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_non_finite_weights_stop_the_run_are_never_saved_and_never_rank_best(tmp_path, policy):
     x, y = toy_data(64)
-    trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=2), out_dir=tmp_path, callbacks=[PoisonWeights()])
-    trainer.fit(DeviceBatches(x, y, 16), DeviceBatches(x, y, 64, shuffle=False))
+    config = plain_config(batch_size=16, epochs=3, on_nonfinite=policy)
+    trainer = Trainer(toy_model(), config, out_dir=tmp_path, callbacks=[PoisonWeights()])
+    with pytest.raises(NonFiniteLossError, match="weights or buffers hold NaN/inf after epoch 2"):
+        trainer.fit(DeviceBatches(x, y, 16), DeviceBatches(x, y, 64, shuffle=False))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt"]
     assert not trainer._is_new_best({"val_loss": float("nan")})
     assert trainer.best_epoch == 1, "epoch 2's weights are NaN, so it cannot be the best"

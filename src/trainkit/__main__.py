@@ -1,5 +1,3 @@
-import sys
+from trainkit.entry import entry_point
 
-from trainkit.cli import main
-
-sys.exit(main())
+entry_point()

@@ -23,7 +23,8 @@ import math
 import os
 import pickle
 import re
-import zipfile
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from torch import nn
 
 from trainkit.errors import CheckpointError
 from trainkit.faults import crash_point
+from trainkit.rundir import fsync_directory, is_disk_full, remove_stale_temp_files, temp_path
 
 log = logging.getLogger("trainkit")
 
@@ -40,7 +42,15 @@ TRAILER_MAGIC = b"TRAINKIT-SHA256:"
 TRAILER_SIZE = len(TRAILER_MAGIC) + 64 + 1
 CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.pt$")
 BEST_FILE = "best.pt"
-TEMP_SUFFIX = ".tmp"
+SET_ASIDE_SUFFIX = ".corrupt"  # a file resume could not use, renamed out of the way and kept for inspection
+# What every trainkit checkpoint holds, and the type each entry must have: a file with a valid
+# trailer can still be hand-made, and resume must fall back past it instead of failing deep inside.
+PAYLOAD_SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "config": dict, "run_info": dict, "model": dict, "optimizer": dict, "scheduler": (dict, type(None)),
+    "scaler": dict, "epoch": int, "position": (dict, type(None)), "global_step": int, "history": list,
+    "best_metric": (float, int, type(None)), "best_epoch": (int, type(None)), "rollbacks": int,
+    "lr_scale": (float, int), "callbacks": dict, "rng": dict,
+}  # fmt: skip
 
 
 def model_sha256(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
@@ -83,10 +93,29 @@ def verified_body(path: Path, data: bytes) -> bytes:
 def verify_checkpoint(path: str | Path) -> str | None:
     """None if the file verifies, else the reason it does not."""
     try:
-        verified_body(Path(path), Path(path).read_bytes())
-    except (CheckpointError, OSError) as exc:
+        verified_body(Path(path), read_checkpoint_bytes(Path(path)))
+    except CheckpointError as exc:
         return str(exc)
     return None
+
+
+def require_checkpoint_file(path: Path) -> None:
+    """A missing file, a folder, a FIFO or a device is refused before anything reads (or blocks on) it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} does not exist" if isinstance(exc, FileNotFoundError)
+                              else f"cannot read checkpoint {path}: {exc.strerror}") from None  # fmt: skip
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a folder, FIFO or device)")
+
+
+def read_checkpoint_bytes(path: Path) -> bytes:
+    require_checkpoint_file(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
@@ -94,7 +123,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = encode(payload)
-    tmp = path.parent / f".{path.name}.{os.getpid()}{TEMP_SUFFIX}"
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
@@ -113,38 +142,64 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename durable: without this, a power cut can forget the new directory entry."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify, then load with ``weights_only=True``; anything wrong is a CheckpointError naming the file."""
+    """Verify, then load with ``weights_only=True`` and check the payload's structure.
+
+    Anything wrong is a CheckpointError naming the file: the bytes may verify yet not be a
+    torch file, or be a hand-made payload with keys missing or of the wrong type.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    body = verified_body(path, path.read_bytes())
+    body = verified_body(path, read_checkpoint_bytes(path))
     try:
         payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"checkpoint {path} holds objects trainkit does not store (refused by safe loading): {_unpickler_reason(exc)}"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {_first_line(exc)}") from None
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise CheckpointError(f"{path} is not a trainkit checkpoint (no model state inside)")
+    except Exception as exc:  # torch's readers raise RuntimeError, KeyError, EOFError, ... on foreign bytes
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {_first_line(exc)}") from None
+    problem = payload_problem(payload)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a complete trainkit checkpoint: {problem}")
     return payload
 
 
+def payload_problem(payload: Any) -> str | None:
+    """What is missing or mistyped in a checkpoint payload (None: it has the full structure)."""
+    if not isinstance(payload, dict) or "model" not in payload:
+        return "no model state inside"
+    for key, expected in PAYLOAD_SCHEMA.items():
+        if key not in payload:
+            return f"{key!r} is missing"
+        value = payload[key]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            return f"{key!r} is {type(value).__name__}, expected {_type_names(expected)}"
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in payload["model"].items()):
+        return "'model' is not a state_dict of named tensors"
+    if not all(isinstance(row, dict) for row in payload["history"]):
+        return "'history' is not a list of metric rows"
+    position = payload["position"]
+    if position is not None and not (isinstance(position.get("batches_done"), int) and isinstance(position.get("meter"), dict)):
+        return "'position' lacks batches_done or meter"
+    missing_rng = {"torch", "cuda", "python", "numpy"} - set(payload["rng"])
+    if missing_rng:
+        return f"'rng' lacks {', '.join(sorted(missing_rng))}"
+    return None
+
+
+def _type_names(expected: type | tuple[type, ...]) -> str:
+    options = expected if isinstance(expected, tuple) else (expected,)
+    return " or ".join("None" if t is type(None) else t.__name__ for t in options)
+
+
 def _unpickler_reason(exc: BaseException) -> str:
-    """torch's weights-only error is a page of advice; keep the line naming the refused object."""
-    match = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(exc))
-    return match.group(1) if match else _first_line(exc)
+    """torch's weights-only error is a page of advice; keep the words naming the refused object."""
+    text = str(exc)
+    match = re.search(r"(?:Unsupported global: )?GLOBAL (\S+)", text)
+    if match:
+        return f"refused global {match.group(1)}"
+    match = re.search(r"Unsupported operand \S+", text)
+    return match.group(0) if match else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -171,8 +226,10 @@ class CheckpointDir:
 
     Files: ``epoch-0003.pt`` (end of epoch 3), ``epoch-0004-step-00001300.pt`` (mid-epoch,
     at optimizer step 1300) and ``best.pt`` (the best epoch by the monitored metric).
-    Retention keeps the newest ``keep_last`` files and every ``keep_every``-th epoch end;
-    old files are deleted only after a new one is written and verified.
+    Retention keeps the newest ``keep_last`` files, every ``keep_every``-th epoch end and the
+    file just written (verified by its read-back); old files are deleted only after a new one
+    is written. A file that resume cannot use is renamed ``NAME.corrupt``, so it neither
+    counts toward ``keep_last`` nor pushes a good file out.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 3, keep_every: int = 0) -> None:
@@ -204,38 +261,107 @@ class CheckpointDir:
         return found[-1].path if found else None
 
     def remove_temp_files(self) -> list[Path]:
-        """Delete temporary files a crashed save left behind."""
-        if not self.directory.is_dir():
-            return []
-        leftovers = [p for p in self.directory.iterdir() if p.name.startswith(".") and p.name.endswith(TEMP_SUFFIX)]
-        for path in leftovers:
-            path.unlink(missing_ok=True)
-            log.info("removed %s, left by an interrupted checkpoint save", path)
-        return leftovers
+        """Delete temporary files that crashed saves left behind (never those of a live writer)."""
+        return remove_stale_temp_files(self.directory)
 
-    def newest_valid(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that verifies and loads; says which ones were skipped and why."""
-        for name in reversed(self.checkpoints()):
+    def newest_valid(
+        self,
+        map_location: str | torch.device = "cpu",
+        *,
+        check: Callable[[dict[str, Any]], None] | None = None,
+        include_best: bool = False,
+        set_aside: bool = True,
+    ) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that verifies, loads and passes ``check`` (which raises CheckpointError).
+
+        Each file that fails is named with the reason and, with ``set_aside``, renamed
+        ``NAME.corrupt``. ``include_best``: when no epoch or step checkpoint is usable, a usable
+        ``best.pt`` (always an epoch-end save) is the last resort.
+        """
+        candidates = [name.path for name in reversed(self.checkpoints())]
+        if include_best and self.best_path.exists():
+            candidates.append(self.best_path)
+        for path in candidates:
             try:
-                return name.path, load_checkpoint(name.path, map_location)
+                payload = load_checkpoint(path, map_location)
+                if check is not None:
+                    check(payload)
             except CheckpointError as exc:
-                log.warning("skipping %s: %s; falling back to an older checkpoint", name.path.name, exc)
+                self._skip(path, str(exc), rename=set_aside)
+                continue
+            if path == self.best_path:
+                log.warning("no epoch or step checkpoint in %s is usable; using best.pt (end of epoch %d)",
+                            self.directory, payload["epoch"])  # fmt: skip
+            return path, payload
         return None
 
-    def save(self, payload: dict[str, Any], *, epoch: int, step: int | None, is_best: bool) -> Path:
-        """Write one checkpoint (and best.pt), then apply retention."""
-        path = save_checkpoint(payload, self.path_for(epoch, step))
-        if is_best:
-            save_checkpoint(payload, self.best_path)
-        self.prune()
+    def _skip(self, path: Path, reason: str, *, rename: bool) -> None:
+        target = path.with_name(path.name + SET_ASIDE_SUFFIX)
+        if rename:
+            try:
+                os.replace(path, target)
+            except OSError:
+                rename = False
+        kept = f"renamed it {target.name}" if rename else "left it in place"
+        log.warning("skipping %s: %s; %s and falling back to an older checkpoint", path.name, reason, kept)
+
+    def save(self, payload: dict[str, Any], *, epoch: int, step: int | None) -> Path:
+        """Write one epoch or step checkpoint, then apply retention."""
+        path = self._write(payload, self.path_for(epoch, step))
+        self.prune(keep=path)
         return path
 
-    def prune(self) -> None:
+    def save_best(self, payload: dict[str, Any]) -> Path:
+        return self._write(payload, self.best_path)
+
+    def _write(self, payload: dict[str, Any], path: Path) -> Path:
+        """save_checkpoint; on a full disk, make room once (older retained checkpoints) and retry."""
+        try:
+            return save_checkpoint(payload, path)
+        except OSError as exc:
+            if not is_disk_full(exc) or not self.make_room():
+                raise
+        return save_checkpoint(payload, path)
+
+    def make_room(self) -> bool:
+        """Disk full: delete retained checkpoints except the newest that verifies and every
+        ``keep_every``-th epoch; without this a full disk stays full and every later save fails."""
         found = self.checkpoints()
-        keep = {name.path for name in found[-self.keep_last :]}
-        if self.keep_every:
-            keep |= {n.path for n in found if n.step is None and n.epoch % self.keep_every == 0}
+        newest_good = next((n.path for n in reversed(found) if verify_checkpoint(n.path) is None), None)
+        protected = {newest_good} | self._every_kth_epoch(found)
+        victims = [n.path for n in found if n.path not in protected]
+        for path in victims:
+            path.unlink(missing_ok=True)
+        if victims:
+            log.warning("disk full: deleted %s to make room (kept %s)", ", ".join(p.name for p in victims),
+                        newest_good.name if newest_good else "no verifying checkpoint")  # fmt: skip
+        return bool(victims)
+
+    def prune(self, keep: Path | None = None) -> None:
+        """Retention; ``keep`` (the file just written and verified) survives whatever its name."""
+        found = self.checkpoints()
+        kept = {name.path for name in found[-self.keep_last :]} | self._every_kth_epoch(found) | {keep}
         for name in found:
-            if name.path not in keep:
+            if name.path not in kept:
                 crash_point("save:retention")
                 name.path.unlink(missing_ok=True)
+
+    def _every_kth_epoch(self, found: list[CheckpointName]) -> set[Path]:
+        if not self.keep_every:
+            return set()
+        return {n.path for n in found if n.step is None and n.epoch % self.keep_every == 0}
+
+
+def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` cannot be loaded into ``model`` (missing, unexpected or differently shaped
+    entries), or None. Checked before loading, so the error is one line instead of torch's page."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state
+              and tuple(state[k].shape) != tuple(own[k].shape)]  # fmt: skip
+    problems = [f"missing {', '.join(missing[:3])}" if missing else "",
+                f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+                f"shape of {'; '.join(shapes[:3])}" if shapes else ""]  # fmt: skip
+    problems = [p for p in problems if p]
+    return "; ".join(problems) or None

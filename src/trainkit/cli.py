@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, NoReturn
 
 from trainkit import __version__
 from trainkit.config import (
+    MAX_SEED,
     NONFINITE_POLICIES,
     OPTIMIZERS,
     PRECISIONS,
@@ -27,12 +29,13 @@ from trainkit.config import (
     config_from_dict,
     load_config_file,
 )
+from trainkit.data import DATASET_NAMES
 from trainkit.distributed import STRATEGIES, env_rank
-from trainkit.errors import NonFiniteLossError, TrainingInterrupted, TrainkitError
+from trainkit.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, TrainkitError
+from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
 
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
-EXIT_INTERRUPTED = 75  # SIGTERM/SIGINT: a checkpoint was saved; continue with --resume (EX_TEMPFAIL)
 EXIT_UNVERIFIED = 1  # trainkit inspect: the checkpoint fails verification
 COMPARISONS = ("schedules", "init", "norm", "regularization")  # modules of trainkit.experiments
 
@@ -53,6 +56,14 @@ def optional_positive(text: str) -> float | None:
 
 def int_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part]
+
+
+def seed_list(text: str) -> list[int]:
+    """Comma-separated seeds: at least one, each in NumPy's range."""
+    seeds = int_list(text)
+    if not seeds or any(not 0 <= seed <= MAX_SEED for seed in seeds):
+        raise argparse.ArgumentTypeError(f"expected seeds in 0..{MAX_SEED}, comma separated, got {text!r}")
+    return seeds
 
 
 def float_list(text: str) -> list[float]:
@@ -128,6 +139,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--on-nonfinite", choices=NONFINITE_POLICIES, help="NaN/inf loss: raise (default), skip or rollback")
     flag("--rollback-lr-factor", type=float, help="lr multiplier after each rollback (default 0.5)")
     flag("--max-rollbacks", type=int, help="give up after this many rollbacks (default 3)")
+    flag("--max-skipped-steps", type=int,
+         help="skip: stop (exit 3) when more steps than this were skipped (default 10%% of an epoch's steps)")
     flag("--seed", type=int, help="(default 0)")
     flag("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     flag("--strategy", choices=STRATEGIES,
@@ -166,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("experiment", choices=COMPARISONS)
     compare.add_argument("--out", required=True)
     compare.add_argument("--quick", action="store_true", help="tiny budget on synthetic data (seconds)")
-    compare.add_argument("--seeds", type=int_list, default=None, help="default: each comparison's own")
-    compare.add_argument("--dataset", default="mnist")
+    compare.add_argument("--seeds", type=seed_list, default=None, help="default: each comparison's own")
+    compare.add_argument("--dataset", default="mnist", choices=DATASET_NAMES)
     compare.add_argument("--data-dir", default=None)
     return parser
 
@@ -184,12 +197,14 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[
 def run_train(args: argparse.Namespace) -> int:
     from trainkit.run import resume_config, train_run
 
-    config, flags = train_config_from_args(args)
-    if args.resume:
-        if config.out is None:
-            raise TrainkitError("--resume needs --out DIR naming the run to continue")
-        config = resume_config(Path(config.out), flags, force=args.force_resume)
-    summary = train_run(config, resume=args.resume, force_resume=args.force_resume)
+    with graceful_stop() as guard:  # from the first moment: a SIGTERM in start-up is a clean stop too
+        guard.resumable = args.resume
+        config, flags = train_config_from_args(args)
+        if args.resume:
+            if config.out is None:
+                raise TrainkitError("--resume needs --out DIR naming the run to continue")
+            config = resume_config(Path(config.out), flags, force=args.force_resume)
+        summary = train_run(config, resume=args.resume, force_resume=args.force_resume)
     if env_rank() == 0:  # under torchrun every rank returns the same summary; print it once
         print(json.dumps(summary, indent=2))
     return 0
@@ -228,6 +243,9 @@ def run_schedules(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     import importlib
 
+    from trainkit.rundir import make_folder
+
+    make_folder(Path(args.out))
     module = importlib.import_module(f"trainkit.experiments.{args.experiment}")
     compare = getattr(module, f"compare_{args.experiment}")
     seeds = {"seeds": args.seeds} if args.seeds is not None else {}
@@ -248,22 +266,27 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from trainkit.checkpoint import load_checkpoint, verify_checkpoint
+    from trainkit.checkpoint import load_checkpoint, require_checkpoint_file, verify_checkpoint
 
+    require_checkpoint_file(Path(args.checkpoint))  # a missing file, folder or FIFO: a usage error (exit 2)
     problem = verify_checkpoint(args.checkpoint)
     if problem is not None:
         print(f"{args.checkpoint}: FAILS verification: {problem}")
         return EXIT_UNVERIFIED
-    payload = load_checkpoint(args.checkpoint)
-    position = payload.get("position")
-    where = "end of epoch" if position is None else f"mid-epoch, {position['batches_done']} batches into epoch"
+    try:
+        payload = load_checkpoint(args.checkpoint)
+    except CheckpointError as exc:
+        print(f"{args.checkpoint}: sha256 ok, but unusable: {exc}")
+        return EXIT_UNVERIFIED
+    position = payload["position"]
+    where = "end of epoch" if position is None else f"mid-epoch, {position.get('batches_done')} batches into epoch"
     last = payload["history"][-1] if payload["history"] else {}
     print(f"{args.checkpoint}: verifies (sha256 ok)")
     print(f"  epoch {payload['epoch']} ({where}), optimizer step {payload['global_step']}")
-    print(f"  best {payload['config']['monitor']} {payload['best_metric']} at epoch {payload['best_epoch']}")
-    print(f"  last epoch metrics: {json.dumps({k: round(v, 6) for k, v in last.items()})}")
-    print(f"  rollbacks {payload['rollbacks']}, versions {payload['versions']}")
-    print(f"  config: {json.dumps(payload['config'])}")
+    print(f"  best {payload['config'].get('monitor')} {payload['best_metric']} at epoch {payload['best_epoch']}")
+    print(f"  last epoch metrics: {json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()})}")
+    print(f"  rollbacks {payload['rollbacks']}, versions {payload.get('versions')}")
+    print(f"  config: {json.dumps(payload['config'], default=str)}")
     return 0
 
 
@@ -285,13 +308,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as exc:
-        print(f"{prog}: {exc}; continue with --resume", file=sys.stderr)
+        print(f"{prog}: {exc}; {exc.advice}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except NonFiniteLossError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
     except TrainkitError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `trainkit inspect X | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:  # the machine, not trainkit: disk full, permissions, a vanished folder
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError:
+        print(f"{prog}: error: out of memory; use a smaller model or --batch-size", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; earlier checkpoints are intact", file=sys.stderr)

@@ -11,11 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from trainkit.data import DATASET_NAMES
@@ -35,6 +40,13 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("min", "max")
 NONFINITE_POLICIES = ("raise", "skip", "rollback")
 SAVE_ERROR_POLICIES = ("continue", "stop")
+MAX_SEED = 2**32 - 1  # NumPy's seed range; torch and random accept it too
+# Metrics every run logs, by the names --monitor can use (val_*: only with validation data).
+MONITORABLE = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "grad_norm", "clip_fraction")
+# Fields whose command-line flag is not simply the field name with dashes.
+FLAG_NAMES = {"augment_shift": "--augment"}
+# The part of an epoch's optimizer steps that --on-nonfinite skip may drop by default.
+DEFAULT_SKIP_FRACTION = 0.1
 
 # Defaults that depend on the model: the CNN trains fewer, slower epochs and needs
 # shift augmentation to get past 99.5%; the MLP does best without it in a short budget.
@@ -52,7 +64,7 @@ class TrainConfig:
 
     # data
     dataset: str = "mnist"
-    data_dir: str | None = None
+    data_dir: str | os.PathLike | None = None
     val_size: int = 5000
     train_size: int | None = None  # use only the first N training images (experiments on a budget)
     augment_shift: int | None = None  # None: the model's recipe (MODEL_RECIPES)
@@ -66,10 +78,10 @@ class TrainConfig:
     init: str = "he"
     # optimisation
     optimizer: str = "adamw"
-    lr: float | str = 1e-3  # or "auto": run the LR finder first and use its suggestion
+    lr: float | Literal["auto"] = 1e-3  # or "auto": run the LR finder first and use its suggestion
     weight_decay: float = 0.01
     momentum: float = 0.9
-    batch_size: int | str = 128  # or "auto": the largest power of two that fits (trainkit.memory)
+    batch_size: int | Literal["auto"] = 128  # or "auto": the largest power of two that fits (trainkit.memory)
     memory_budget: float | None = None  # GiB a CPU training step may use for --batch-size auto; None: half of free RAM
     eval_batch_size: int = 1024
     epochs: int | None = None  # None: the model's recipe (MODEL_RECIPES)
@@ -107,98 +119,134 @@ class TrainConfig:
     on_nonfinite: str = "raise"  # raise | skip (drop the step) | rollback (reload, lower lr)
     rollback_lr_factor: float = 0.5
     max_rollbacks: int = 3
+    max_skipped_steps: int | None = None  # "skip": more skipped steps than this stop the run; None: 10% of an epoch
     # run
     seed: int = 0
     device: str = "auto"
     strategy: str = "auto"  # single | ddp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
-    out: str | None = None
+    out: str | os.PathLike | None = None
     hidden: list[int] = field(default_factory=lambda: [256, 128])
 
     def resolved(self) -> TrainConfig:
         """A copy with model-dependent defaults filled in and values validated."""
+        check_field_types(vars(self))
         recipe = MODEL_RECIPES.get(self.model, MODEL_RECIPES["mlp"])
+        epochs = recipe["epochs"] if self.epochs is None else self.epochs
         filled = dataclasses.replace(
             self,
-            epochs=recipe["epochs"] if self.epochs is None else self.epochs,
+            epochs=epochs,
             augment_shift=recipe["augment_shift"] if self.augment_shift is None else self.augment_shift,
             channels_last=recipe["channels_last"] if self.channels_last is None else self.channels_last,
-            warmup=(1.0 if self.schedule == "warmup_cosine" else 0.0) if self.warmup is None else self.warmup,
+            warmup=default_warmup(self.schedule, epochs) if self.warmup is None else self.warmup,
             hidden=list(self.hidden),
             milestones=list(self.milestones),
+            data_dir=None if self.data_dir is None else os.fspath(self.data_dir),
+            out=None if self.out is None else os.fspath(self.out),
         )
         filled.validate()
         return filled
 
     def validate(self) -> None:
-        """Check every value before any work starts (data loading, model building)."""
-        _require_choice("dataset", self.dataset, DATASET_NAMES)
-        _require_choice("model", self.model, MODEL_NAMES)
-        _require_choice("norm", self.norm, NORMS)
-        _require_choice("activation", self.activation, ACTIVATIONS)
-        _require_choice("init", self.init, INIT_SCHEMES)
-        _require_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _require_choice("schedule", self.schedule, SCHEDULES)
-        _require_choice("precision", self.precision, PRECISIONS)
-        _require_choice("monitor-mode", self.monitor_mode, MODES)
-        _require_choice("on-nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
-        _require_choice("on-save-error", self.on_save_error, SAVE_ERROR_POLICIES)
-        _require_choice("strategy", self.strategy, STRATEGIES)
+        """Check every value before any work starts (data loading, model building, writing files)."""
+        check_field_types(vars(self))
+        self._validate_choices()
+        self._validate_numbers()
+        self._validate_schedule()
+        self._validate_monitor()
+
+    def _validate_choices(self) -> None:
+        for name, choices in (
+            ("dataset", DATASET_NAMES), ("model", MODEL_NAMES), ("norm", NORMS), ("activation", ACTIVATIONS),
+            ("init", INIT_SCHEMES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+            ("monitor_mode", MODES), ("on_nonfinite", NONFINITE_POLICIES), ("on_save_error", SAVE_ERROR_POLICIES),
+            ("strategy", STRATEGIES), ("anneal", ANNEALS),
+        ):  # fmt: skip
+            _require_choice(name, getattr(self, name), choices)
+        require_device(self.device)
+
+    def _validate_numbers(self) -> None:
         if self.lr != "auto":
             _require_positive("lr", self.lr)
-        _require_choice("anneal", self.anneal, ANNEALS)
-        _require_non_negative("min-lr", self.min_lr)
-        for name in ("gamma", "plateau_factor"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(self, name)}")
-        if not 0.0 < self.pct_start < 1.0:
-            raise ConfigError(f"--pct-start must be in (0, 1), got {self.pct_start}")
-        for name in ("step_epochs", "restart_epochs"):
+        for name in ("min_lr", "weight_decay", "min_delta"):
+            _require_non_negative(name, getattr(self, name))
+        for name in ("gamma", "plateau_factor", "pct_start", "rollback_lr_factor"):
+            _require_open_unit_interval(name, getattr(self, name))
+        for name in ("dropout", "drop_path", "momentum"):
+            _require_in_unit_interval(name, getattr(self, name))
+        for name in ("step_epochs", "restart_epochs", "memory_budget", "clip_norm", "clip_value"):
             if getattr(self, name) is not None:
-                _require_positive(name.replace("_", "-"), getattr(self, name))
-        _require_non_negative("weight-decay", self.weight_decay)
-        _require_non_negative("momentum", self.momentum)
-        if self.warmup is not None:
-            _require_non_negative("warmup", self.warmup)
-        _require_non_negative("min-delta", self.min_delta)
+                _require_positive(name, getattr(self, name))
         if self.batch_size != "auto":
-            _require_batch_size(self.batch_size)
-        if self.memory_budget is not None:
-            _require_positive("memory-budget", self.memory_budget)
-        for name in ("eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult"):
+            _require_int_at_least("batch_size", self.batch_size, 1)
+        for name in ("eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult", "epochs", "threads",
+                     "train_size"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 1)
-        for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs",
-                     "checkpoint_every_steps", "max_rollbacks", "plateau_patience"):  # fmt: skip
+        for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs", "checkpoint_every_steps",
+                     "max_rollbacks", "max_skipped_steps", "plateau_patience"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 0)
-        if self.epochs is not None:
-            _require_int_at_least("epochs", self.epochs, 1)
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"--seed must be at most 2**32 - 1 = {MAX_SEED} (NumPy's seed range), got {self.seed}")
+        cores = os.cpu_count() or 1
+        if self.threads is not None and self.threads > cores:
+            raise ConfigError(f"--threads {self.threads} is more than the {cores} CPU cores here; use at most {cores}")
+        if not self.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ConfigError(f"--hidden must be a list of positive layer widths, e.g. 256,128; got {self.hidden}")
+
+    def _validate_schedule(self) -> None:
+        """Schedule settings that cannot work over this run, refused in the epochs the user typed."""
+        if self.lr != "auto" and self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} must be at most the peak --lr {self.lr}")
+        warmup = 0.0 if self.warmup is None else self.warmup
+        _require_non_negative("warmup", warmup)
+        if self.schedule == "onecycle" and warmup > 0:
+            raise ConfigError("--schedule onecycle has its own warmup (--pct-start); drop --warmup or set it to 0")
+        if self.epochs is not None and warmup >= self.epochs:
+            raise ConfigError(
+                f"--warmup {warmup:g} epochs is not shorter than the run (--epochs {self.epochs}): the lr would "
+                f"never leave warmup; use a smaller --warmup or more --epochs"
+            )
+        for milestone in self.milestones:
+            _require_positive("milestones", milestone)
+        if any(later <= earlier for earlier, later in zip(self.milestones, self.milestones[1:])):
+            raise ConfigError(f"--milestones must be strictly increasing epochs, got {_epochs(self.milestones)}")
+        if self.milestones and self.epochs is not None:
+            outside = [m for m in self.milestones if not warmup < m < self.epochs]
+            if outside:
+                raise ConfigError(
+                    f"--milestones {_epochs(outside)} lie outside the run: each must be after the warmup "
+                    f"({warmup:g} epochs) and before the last epoch ({self.epochs})"
+                )
+
+    def _validate_monitor(self) -> None:
+        if self.monitor not in MONITORABLE:
+            raise ConfigError(f"--monitor {self.monitor!r} is not a metric of the run; choose one of {', '.join(MONITORABLE)}")
         if self.val_size == 0 and self.patience > 0 and self.monitor.startswith("val_"):
             raise ConfigError(
                 f"--val-size 0 leaves no validation data, but early stopping monitors {self.monitor}; "
                 f"pass --patience 0 or --monitor train_loss"
             )
-        if self.threads is not None:
-            _require_int_at_least("threads", self.threads, 1)
-        if not 0.0 < self.rollback_lr_factor < 1.0:
-            raise ConfigError(f"--rollback-lr-factor must be in (0, 1), got {self.rollback_lr_factor}")
-        if self.train_size is not None:
-            _require_int_at_least("train_size", self.train_size, 1)
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError(f"--drop-path must be in [0, 1), got {self.drop_path}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.clip_norm is not None:
-            _require_positive("clip-norm", self.clip_norm)
-        if self.clip_value is not None:
-            _require_positive("clip-value", self.clip_value)
-        if not self.hidden or any(not isinstance(h, int) or h < 1 for h in self.hidden):
-            raise ConfigError(f"hidden must be a list of positive layer widths, got {self.hidden}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a config from a mapping, rejecting keys that are not config fields."""
+def default_warmup(schedule: str, epochs: int) -> float:
+    """warmup_cosine warms up for one epoch, or half the run when the run is shorter than two."""
+    return min(1.0, epochs / 2) if schedule == "warmup_cosine" else 0.0
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field (what the user typed, so what errors name)."""
+    return FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def config_from_dict(values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+    """Build a config from a mapping, rejecting unknown keys and values of the wrong type."""
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {_kind(values)}")
+    bad_keys = [key for key in values if not isinstance(key, str)]
+    if bad_keys:
+        raise ConfigError(f"{source}: setting names must be strings, got {bad_keys[0]!r}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - known)
@@ -206,51 +254,154 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
         raise ConfigError(
             f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(known))}"
         )
+    try:
+        check_field_types(normalised)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
     return TrainConfig(**normalised)
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON config file into a plain mapping of settings."""
     path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path}: use a .toml, .yaml/.yml or .json file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); is it the right file?") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            values = yaml.safe_load(text) or {}
         elif path.suffix == ".json":
             values = json.loads(text)
         else:
-            raise ConfigError(f"config file {path}: use a .toml, .yaml/.yml or .json file")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+            values = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
     return values
 
 
+# ------------------------------------------------------------------- type checks
+@cache
+def field_types() -> dict[str, Any]:
+    """Each field's declared type, read from the dataclass: the one source of what a value may be."""
+    return get_type_hints(TrainConfig)
+
+
+def check_field_types(values: Mapping[str, Any]) -> None:
+    """Refuse any value whose type the field does not declare (e.g. ``lr = true``, ``hidden = 64``).
+
+    bool is not accepted as a number and strings are never converted: a config file that says
+    ``grad_checkpointing = "false"`` must not turn the feature on.
+    """
+    types_ = field_types()
+    for name, value in values.items():
+        expected = types_.get(name)
+        if expected is not None and not _matches(value, expected):
+            raise ConfigError(f"{flag_name(name)} must be {_describe(expected)}, got {value!r} ({_kind(value)})")
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    origin = get_origin(expected)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, option) for option in get_args(expected))
+    if origin is Literal:
+        return isinstance(value, str) and value in get_args(expected)
+    if origin is list:
+        (item,) = get_args(expected)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, expected)  # str, os.PathLike
+
+
+def _describe(expected: Any) -> str:
+    origin = get_origin(expected)
+    if origin in (Union, types.UnionType):
+        options = [_describe(o) for o in get_args(expected) if o is not type(None)]
+        return " or ".join(dict.fromkeys(options))
+    if origin is Literal:
+        return " or ".join(repr(v) for v in get_args(expected))
+    if origin is list:
+        return f"a list of {_describe(get_args(expected)[0]).removeprefix('an ').removeprefix('a ')}s"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", os.PathLike: "a path"}
+    return names.get(expected, expected.__name__)
+
+
+def _kind(value: Any) -> str:
+    """How a config file would call the value's type."""
+    if value is None:
+        return "null"
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             tuple: "a list", dict: "a table"}  # fmt: skip
+    return kinds.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------- value checks
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{flag_name(name)} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _require_batch_size(value: int | str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--batch-size must be an integer >= 1 or 'auto', got {value!r}")
+def require_device(name: str) -> None:
+    """'auto' or a device trainkit can train on (cpu, cuda, cuda:N, mps): 'meta' or 'tpu' are refused here."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in TRAINING_DEVICE_TYPES:
+        raise ConfigError(f"--device {name!r} is not a device trainkit can train on; use auto, cpu, cuda or cuda:N")
+
+
+TRAINING_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def _require_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"--{name} must be a positive finite number, got {value}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{flag_name(name)} must be a positive finite number, got {value}")
 
 
 def _require_non_negative(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"--{name} must be a finite number >= 0, got {value}")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{flag_name(name)} must be a finite number >= 0, got {value}")
 
 
-def _require_int_at_least(name: str, value: int, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
+def _require_open_unit_interval(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ConfigError(f"{flag_name(name)} must be in (0, 1), got {value}")
+
+
+def _require_in_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{flag_name(name)} must be in [0, 1), got {value}")
+
+
+def _require_int_at_least(name: str, value: int | None, minimum: int) -> None:
+    """Types are checked already; None means 'the default' for the optional fields."""
+    if value is not None and value < minimum:
+        raise ConfigError(f"{flag_name(name)} must be an integer >= {minimum}, got {value}")
+
+
+def _epochs(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

@@ -716,6 +716,11 @@ class DeviceBatches:
             raise ConfigError(
                 f"augment_shift needs images shaped (N, ..., H, W); got x of shape {tuple(x.shape)}."
             )
+        if augment_shift and augment_shift >= min(x.shape[-2:]):
+            raise ConfigError(
+                f"--augment {augment_shift} must be smaller than the {x.shape[-2]}x{x.shape[-1]} images: "
+                f"a larger shift moves every pixel out of the picture."
+            )
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle

@@ -22,13 +22,23 @@ class CheckpointError(TrainkitError):
     """A checkpoint is missing, corrupt or incompatible."""
 
 
+class OutputError(TrainkitError):
+    """A result file (exported weights, summary) could not be written: disk full, permissions."""
+
+
 class NonFiniteLossError(TrainkitError):
     """The loss became NaN or infinite during training."""
 
 
-class TrainingInterrupted(TrainkitError):
-    """SIGTERM/SIGINT arrived: training saved a checkpoint and stopped cleanly."""
+class TrainingInterrupted(BaseException):
+    """SIGTERM/SIGINT arrived: the job stopped cleanly (after saving, inside the training loop).
 
-    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+    A BaseException, like KeyboardInterrupt: a stop signal raised at an arbitrary point of the
+    job must not be swallowed by an ``except Exception`` on its way to the exit code (75).
+    ``advice`` is what to do next, printed after the message.
+    """
+
+    def __init__(self, message: str, checkpoint: str | None = None, advice: str = "continue with --resume") -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
+        self.advice = advice

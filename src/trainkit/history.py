@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +51,11 @@ class EpochMeter:
         skip counts are the same on every rank: gradients are averaged before clipping.)"""
         sums = torch.stack([self.loss_sum, self.correct, self.correct.new_tensor(float(self.samples))])
         loss_sum, correct, self.total_samples = distributed.all_reduce_sum(sums).tolist()
-        samples, steps = max(self.total_samples, 1), max(self.steps, 1)
         return {
-            "train_loss": loss_sum / samples,
-            "train_accuracy": correct / samples,
-            "grad_norm": self.grad_norm_sum.item() / steps,
-            "clip_fraction": self.clipped.item() / steps,
+            "train_loss": _mean(loss_sum, self.total_samples),
+            "train_accuracy": _mean(correct, self.total_samples),
+            "grad_norm": _mean(self.grad_norm_sum.item(), self.steps),
+            "clip_fraction": _mean(self.clipped.item(), self.steps),
             "skipped_steps": self.skipped,
         }
 
@@ -71,6 +71,11 @@ class EpochMeter:
         for name in SUMS:
             getattr(self, name).copy_(state[name])
         self.samples, self.steps, self.skipped = state["samples"], state["steps"], state["skipped"]
+
+
+def _mean(total: float, count: float) -> float:
+    """NaN when nothing was counted (every step skipped): 0/0 must not read as a perfect loss."""
+    return total / count if count else math.nan
 
 
 class HistoryFile:

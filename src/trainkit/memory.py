@@ -25,7 +25,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from trainkit.config import TrainConfig
-from trainkit.errors import TrainkitError
+from trainkit.errors import ConfigError, TrainkitError
 from trainkit.optim import build_optimizer
 
 log = logging.getLogger("trainkit")
@@ -40,6 +40,9 @@ MAX_AUTO_BATCH = 4096
 # the extrapolation's error.
 DEFAULT_BUDGET_FRACTION = 0.5
 PROBE_BATCHES = (16, 64)  # the two CPU measurements the per-sample cost is extrapolated from
+# Bytes per parameter a training step keeps: the weight, its gradient and the optimizer state
+# (AdamW: two moments; SGD with momentum: one buffer), all fp32.
+STATE_BYTES_PER_PARAMETER = {"adamw": 16, "sgd": 12}
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,76 @@ def leaves_no_trace(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a model needs to train, estimated from shapes alone (no memory is allocated)."""
+
+    parameters: int
+    state_bytes: int  # weights, gradients, optimizer state and buffers
+    activation_bytes: int  # outputs of every layer at the batch size, kept for backward
+
+    @property
+    def total(self) -> int:
+        return self.state_bytes + self.activation_bytes
+
+
+def estimate_training_memory(build: Callable[[], nn.Module], optimizer: str) -> MemoryEstimate:
+    """Weights, gradients, optimizer state and buffers of the model ``build`` makes, counted on
+    the meta device: shapes only, nothing allocated, so a 10^9-wide layer is measured, not built."""
+    with torch.device("meta"):
+        model = build()
+    parameters = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    return MemoryEstimate(parameters, parameters * STATE_BYTES_PER_PARAMETER.get(optimizer, 16) + buffers, 0)
+
+
+def activation_bytes_per_sample(model: nn.Module, sample: torch.Tensor) -> int:
+    """Bytes of every layer's output for one sample: what a training forward keeps per sample.
+
+    One eval-mode forward without autograd (BatchNorm cannot train on one sample), leaving
+    the model's mode, buffers and the RNG as they were. (A forward on the meta device would
+    cost seconds of imports at every start.)
+    """
+    total = [0]
+
+    def count(module: nn.Module, inputs: object, output: object) -> None:
+        if isinstance(output, torch.Tensor):
+            total[0] += output.numel() * output.element_size()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    hooks = [leaf.register_forward_hook(count) for leaf in leaves]
+    training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            model(sample[:1])
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return total[0]
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Memory a run on ``device`` can still allocate."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory_bytes()
+
+
+def check_model_fits(estimate: MemoryEstimate, device: torch.device, *, batch_size: int, hint: str) -> None:
+    """Refuse, before anything is allocated, a model that cannot fit; the estimate is named."""
+    available = device_memory_bytes(device)
+    if estimate.total <= available:
+        return
+    raise ConfigError(
+        f"the model would need about {estimate.total / GiB:,.1f} GiB on {device} ({estimate.parameters:,} parameters: "
+        f"{estimate.state_bytes / GiB:,.1f} GiB for weights, gradients and optimizer state, "
+        f"{estimate.activation_bytes / GiB:,.1f} GiB of activations at batch {batch_size}) but "
+        f"{available / GiB:,.1f} GiB is available; {hint}"
+    )
 
 
 # ----------------------------------------------------------------- choosing

@@ -107,7 +107,7 @@ def drop_path_rates(drop_path: float, depth: int) -> list[float]:
     Early blocks compute features everything else depends on, so they are dropped least.
     """
     check_rate("drop_path", drop_path)
-    return torch.linspace(0.0, drop_path, depth).tolist()
+    return torch.linspace(0.0, drop_path, depth, device="cpu").tolist()  # plain numbers, even under a meta device
 
 
 def _residual_mlp_block(width: int, norm: str, dropout: float, activation: str) -> nn.Sequential:

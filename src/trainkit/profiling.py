@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from trainkit.callbacks import Callback, TrainState
 from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError
+from trainkit.rundir import holding_run_folder
 from trainkit.run import seeded_data_and_model, training_batches
 from trainkit.trainer import Trainer, resolve_device
 
@@ -33,6 +34,7 @@ log = logging.getLogger("trainkit")
 
 PHASES = ("data", "forward", "backward", "optimizer")
 TOP_OPERATORS = 15
+MAX_PROFILED_STEPS = 1000  # the profiler keeps every event in memory: more steps cost GBs, tell nothing new
 
 
 @dataclass
@@ -102,12 +104,17 @@ class StepProfiler(Callback):
 def profile_training(config: TrainConfig, *, steps: int = 20, warmup_steps: int = 5) -> tuple[ProfileResult, Path]:
     """Profile ``steps`` optimizer steps of the configured run after ``warmup_steps``; writes
     profile.txt and trace.json into ``config.out`` (default runs/profile-<time>)."""
-    if steps < 1 or warmup_steps < 0:
-        raise ConfigError(f"--steps must be >= 1 and --warmup-steps >= 0, got {steps} and {warmup_steps}")
+    if not 1 <= steps <= MAX_PROFILED_STEPS or not 0 <= warmup_steps <= MAX_PROFILED_STEPS:
+        raise ConfigError(f"--steps must be in 1..{MAX_PROFILED_STEPS} and --warmup-steps in 0..{MAX_PROFILED_STEPS} "
+                          f"(the profiler keeps every event in memory), got {steps} and {warmup_steps}")  # fmt: skip
     config = dataclasses.replace(config, lr=1e-3 if config.lr == "auto" else config.lr).resolved()
     device = resolve_device(config.device)
     out_dir = Path(config.out) if config.out else Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with holding_run_folder(out_dir):
+        return _profile(config, device, out_dir, steps=steps, warmup_steps=warmup_steps), out_dir
+
+
+def _profile(config: TrainConfig, device: torch.device, out_dir: Path, *, steps: int, warmup_steps: int) -> ProfileResult:
     config, data, model = seeded_data_and_model(config, device)
     batches = training_batches(config, data)
     steps_per_epoch = math.ceil(len(batches) / config.accumulate)
@@ -125,7 +132,7 @@ def profile_training(config: TrainConfig, *, steps: int = 20, warmup_steps: int 
     result = summarise_profile(profiler, steps=steps, seconds=recorder.seconds, device=device)
     profiler.export_chrome_trace(str(out_dir / "trace.json"))
     (out_dir / "profile.txt").write_text(format_report(result, config, warmup_steps, device) + "\n")
-    return result, out_dir
+    return result
 
 
 def summarise_profile(profiler: profile, *, steps: int, seconds: float, device: torch.device) -> ProfileResult:

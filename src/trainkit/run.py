@@ -16,38 +16,50 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
+import math
 import random
-import signal
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 from trainkit import distributed
 from trainkit.callbacks import Callback, EarlyStopping
-from trainkit.checkpoint import CheckpointDir, load_checkpoint, model_sha256
-from trainkit.config import TrainConfig, config_from_dict
+from trainkit.checkpoint import (
+    CheckpointDir, all_finite, load_checkpoint, model_sha256, state_dict_mismatch, verify_checkpoint,
+)  # fmt: skip
+from trainkit.config import TrainConfig, config_from_dict, flag_name
 from trainkit.data import DatasetSplits, DeviceBatches, TensorSplit, load_dataset
-from trainkit.errors import CheckpointError, ConfigError
+from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
+from trainkit.faults import crash_point
 from trainkit.init import init_weights
 from trainkit.lr_finder import lr_find
-from trainkit.memory import find_batch_size
+from trainkit.memory import (
+    PROBE_BATCHES, MemoryEstimate, activation_bytes_per_sample, check_model_fits, estimate_training_memory,
+    find_batch_size,
+)  # fmt: skip
 from trainkit.optim import build_optimizer
 from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.plots import plot_history
-from trainkit.trainer import Trainer, autocast_dtype, resolve_device
+from trainkit.rundir import commit_temp_file, holding_run_folder, make_folder, read_json, temp_path, write_atomically
+from trainkit.schedules import build_scheduler
+from trainkit.signals import GracefulStop, graceful_stop
+from trainkit.trainer import Trainer, autocast_dtype, resolve_device, schedule_spec
 
 log = logging.getLogger("trainkit")
 
 # Settings that may differ when resuming: where data lives and which device runs it.
 RESUMABLE_OVERRIDES = ("data_dir", "device", "out", "strategy")
+# The parts of the data fingerprint, by what an error calls them.
+FINGERPRINT_PARTS = {"dataset": "dataset", "train_images": "training images", "train_labels": "training labels",
+                     "val_images": "validation images", "val_labels": "validation labels"}  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +74,12 @@ def default_out_dir(config: TrainConfig) -> Path:
 
 def build_model_from_config(config: TrainConfig, data: DatasetSplits) -> nn.Module:
     """The configured architecture, initialised with the configured scheme (seeded by the caller)."""
+    model = init_weights(build_architecture(config, data), config.init)
+    return enable_grad_checkpointing(model) if config.grad_checkpointing else model
+
+
+def build_architecture(config: TrainConfig, data: DatasetSplits) -> nn.Module:
+    """The configured layers, with PyTorch's default initialisation."""
     options: dict[str, Any] = {"norm": config.norm, "dropout": config.dropout, "activation": config.activation}
     if config.model == "mlp":
         options["hidden"] = tuple(config.hidden)
@@ -69,9 +87,21 @@ def build_model_from_config(config: TrainConfig, data: DatasetSplits) -> nn.Modu
             options["norm_after_dropout"] = True
     if config.model == "residual_mlp":
         options["drop_path"] = config.drop_path
-    model = build_model(config.model, data.input_shape, data.num_classes, **options)
-    model = init_weights(model, config.init)
-    return enable_grad_checkpointing(model) if config.grad_checkpointing else model
+    return build_model(config.model, data.input_shape, data.num_classes, **options)
+
+
+def model_memory(config: TrainConfig, data: DatasetSplits) -> MemoryEstimate | None:
+    """The model's weights and optimizer state, estimated on the meta device before it is built."""
+    try:
+        return estimate_training_memory(lambda: build_architecture(config, data), config.optimizer)
+    except Exception as exc:  # a builder the meta device cannot run: the real build reports real errors
+        log.debug("no memory estimate for %s: %s", config.model, exc)
+        return None
+
+
+def check_memory(estimate: MemoryEstimate | None, device: torch.device, batch: int) -> None:
+    if estimate is not None:
+        check_model_fits(estimate, device, batch_size=batch, hint="use smaller --hidden widths or a smaller --batch-size")
 
 
 def load_training_data(config: TrainConfig, device: torch.device) -> DatasetSplits:
@@ -92,11 +122,31 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
     ]
 
 
-def data_fingerprint(data: DatasetSplits) -> str:
-    """Identifies the training data: a resume on other data would silently train something else."""
-    digest = hashlib.sha256(f"{data.name}|{len(data.train)}|{len(data.val)}|{data.mean:.8f}|{data.std:.8f}".encode())
-    digest.update(data.train.y.cpu().numpy().tobytes())
+def data_fingerprint(data: DatasetSplits) -> dict[str, str]:
+    """Identifies the data a run trains and validates on: a digest of every tensor, so a resume
+    on other data (even with the same shapes, labels and pixel statistics) is refused."""
+    return {
+        "dataset": data.name,
+        "train_images": tensor_digest(data.train.x),
+        "train_labels": tensor_digest(data.train.y),
+        "val_images": tensor_digest(data.val.x),
+        "val_labels": tensor_digest(data.val.y),
+    }
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's shape, dtype and bytes (hashed in place: no copy on CPU)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    digest.update(memoryview(flat.view(torch.uint8).numpy()))
     return digest.hexdigest()[:16]
+
+
+def fingerprint_differences(saved: Any, current: dict[str, str]) -> list[str]:
+    """What differs between the data a checkpoint was trained on and the data loaded now."""
+    if not isinstance(saved, dict):
+        return ["the checkpoint's data fingerprint comes from an older trainkit and cannot be compared"]
+    return [FINGERPRINT_PARTS.get(key, key) for key in current if saved.get(key) != current[key]]
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -110,52 +160,73 @@ def resume_config(out_dir: Path, overrides: dict[str, Any], *, force: bool = Fal
     saved_path = out_dir / "config.json"
     if not saved_path.is_file():
         raise ConfigError(f"--resume: {out_dir} holds no trainkit run (no config.json); check --out")
-    saved = config_from_dict(json.loads(saved_path.read_text()), source=str(saved_path))
+    saved = config_from_dict(read_json(saved_path, "the run's settings"), source=str(saved_path))
     changed = {k: v for k, v in overrides.items() if k not in RESUMABLE_OVERRIDES and getattr(saved, k) != v}
     if changed and not force:
-        key, value = next(iter(changed.items()))
+        listed = "; ".join(f"{flag_name(k)} {v!r} (saved: {getattr(saved, k)!r})" for k, v in changed.items())
         raise ConfigError(
-            f"--resume continues the run in {out_dir} with its saved settings, but --{key.replace('_', '-')} "
-            f"{value} differs from the saved {getattr(saved, key)}; drop the flag, start a new run with "
-            f"another --out, or pass --force-resume"
+            f"--resume continues the run in {out_dir} with its saved settings, but these flags differ: {listed}; "
+            f"drop them, start a new run with another --out, or pass --force-resume"
         )
     allowed = overrides if force else {k: v for k, v in overrides.items() if k in RESUMABLE_OVERRIDES}
     return config_from_dict({**saved.to_dict(), **allowed})
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, *, create: bool = True) -> None:
-    """Create the output dir; refuse to overwrite a run, or to resume a finished one.
-
-    ``create=False`` only checks (DDP: every rank checks before rank 0 creates anything).
-    """
+def prepare_out_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a run, or to resume a finished one (the caller holds the folder's lock)."""
+    checkpoints = CheckpointDir(out_dir / "checkpoints")
     if resume:
         if not (out_dir / "config.json").exists():
             raise ConfigError(f"--resume: {out_dir} holds no trainkit run (no config.json); check --out")
         if (out_dir / "summary.json").exists():
             raise ConfigError(f"--resume: the run in {out_dir} already finished (it has summary.json); use a new --out")
         return
-    if (out_dir / "config.json").exists() or CheckpointDir(out_dir / "checkpoints").latest() is not None:
+    if (out_dir / "config.json").exists() or checkpoints.latest() is not None or checkpoints.best_path.exists():
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if create:
-        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def owning_run_folder(out_dir: Path) -> Iterator[None]:
+    """Rank 0 locks the run folder for the whole job (creating it); every rank learns whether it could."""
+    with ExitStack() as stack:
+        problem = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(holding_run_folder(out_dir))
+            except ConfigError as exc:
+                problem = str(exc)
+        problem = distributed.broadcast_object(problem)
+        if problem is not None:
+            raise ConfigError(problem)
+        yield
 
 
 def checkpoint_to_resume(
-    out_dir: Path, config: TrainConfig, fingerprint: str, device: torch.device, *, force: bool
-) -> dict[str, Any] | None:
-    """The newest checkpoint that verifies, checked against this run's config and data (None: none yet)."""
+    out_dir: Path, config: TrainConfig, fingerprint: dict[str, str], model: nn.Module, device: torch.device,
+    *, force: bool,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The newest usable checkpoint, checked against this run's config and data (None: none yet).
+
+    Files that fail verification, are incomplete or do not fit the model are renamed
+    ``*.corrupt`` and skipped; ``best.pt`` is the last resort.
+    """
     checkpoints = CheckpointDir(out_dir / "checkpoints")
-    if not checkpoints.checkpoints():
+    if not checkpoints.checkpoints() and not checkpoints.best_path.exists():
         log.warning("--resume: %s has no checkpoint yet; starting the run from the beginning", out_dir)
         return None
-    found = checkpoints.newest_valid(device)
+    main = distributed.is_main()
+    found = checkpoints.newest_valid(device, check=lambda payload: check_fits_model(payload, model),
+                                     include_best=True, set_aside=main)  # fmt: skip
     if found is None:
         raise CheckpointError(
-            f"--resume: no checkpoint in {checkpoints.directory} verifies; inspect them with `trainkit inspect`"
+            f"--resume: no checkpoint in {checkpoints.directory} is usable (each was renamed *.corrupt); "
+            f"inspect them with `trainkit inspect`, or start a new run with another --out"
         )
     path, payload = found
     log.info("resuming from %s", path)
-    saved_world = payload.get("run_info", {}).get("world_size", 1)
+    if main and path != checkpoints.best_path:
+        set_aside_damaged_best(checkpoints)
+    saved_world = payload["run_info"].get("world_size", 1)
     if saved_world != distributed.world_size():
         raise CheckpointError(
             f"--resume: {path} was written by {saved_world} process(es) but this run has {distributed.world_size()}; "
@@ -170,32 +241,27 @@ def checkpoint_to_resume(
             f"{path} was written with different settings ({'; '.join(differences)}); "
             f"resume with the same settings or pass --force-resume"
         )
-    saved_fingerprint = payload.get("run_info", {}).get("data_fingerprint")
-    if saved_fingerprint != fingerprint:
+    changed_data = fingerprint_differences(payload["run_info"].get("data_fingerprint"), fingerprint)
+    if changed_data:
         raise CheckpointError(
-            f"{path} was trained on different data (fingerprint {saved_fingerprint}, now {fingerprint}): "
-            f"check --data-dir / --dataset, or pass --force-resume"
+            f"{path} was trained on different data ({', '.join(changed_data)} differ): check --data-dir / "
+            f"--dataset, or pass --force-resume"
         )
     return payload
 
 
-@contextmanager
-def stop_cleanly_on_signals(trainer: Trainer) -> Iterator[None]:
-    """SIGTERM/SIGINT: finish the step, save, exit. A second signal falls back to the default action."""
-    previous = {}
+def check_fits_model(payload: dict[str, Any], model: nn.Module) -> None:
+    mismatch = state_dict_mismatch(model, payload["model"])
+    if mismatch is not None:
+        raise CheckpointError(f"its weights do not fit this run's model ({mismatch})")
 
-    def handle(signum: int, frame: Any) -> None:
-        trainer.request_interrupt(f"received {signal.Signals(signum).name}")
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous[sig] = signal.signal(sig, handle)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def set_aside_damaged_best(checkpoints: CheckpointDir) -> None:
+    """A best.pt that fails verification is renamed now, not found at the end of the run."""
+    problem = verify_checkpoint(checkpoints.best_path) if checkpoints.best_path.exists() else None
+    if problem is not None:
+        checkpoints.best_path.replace(checkpoints.best_path.with_name("best.pt.corrupt"))
+        log.warning("%s; renamed it best.pt.corrupt: best.safetensors will come from another source", problem)
 
 
 def train_run(
@@ -208,13 +274,16 @@ def train_run(
     """Run the configured training job and return its summary (also written to summary.json).
 
     ``--strategy ddp`` (or auto under torchrun): every rank calls this inside one process group.
+    SIGTERM/SIGINT at any moment stop it cleanly (trainkit.signals).
     """
     options = {"resume": resume, "force_resume": force_resume, "extra_callbacks": extra_callbacks}
-    if distributed.resolve_strategy(config.strategy) == "single":
-        return _train_run(config, **options)
-    device = distributed.ddp_device(resolve_device(config.device))
-    with distributed.process_group(device):
-        return _train_run(dataclasses.replace(config, device=str(device)), **options)
+    with graceful_stop() as guard:
+        guard.resumable = resume
+        if distributed.resolve_strategy(config.strategy) == "single":
+            return _train_run(config, guard=guard, **options)
+        device = distributed.ddp_device(resolve_device(config.device))
+        with distributed.process_group(device):
+            return _train_run(dataclasses.replace(config, device=str(device)), guard=guard, **options)
 
 
 def check_ddp_settings(config: TrainConfig, world_size: int) -> None:
@@ -236,8 +305,16 @@ def training_batches(config: TrainConfig, data: DatasetSplits, *, rank: int = 0,
                          augment_shift=config.augment_shift, rank=rank, world_size=world_size)  # fmt: skip
 
 
+def check_schedule(config: TrainConfig, batches: DeviceBatches) -> None:
+    """Build the schedule once on a stand-in optimizer: every schedule error is raised before any file is written."""
+    steps_per_epoch = math.ceil(len(batches) / config.accumulate)
+    lr = 1.0 if config.lr == "auto" else config.lr  # auto: the finder's lr is not known yet
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max(lr, config.min_lr))
+    build_scheduler(schedule_spec(config, steps_per_epoch), optimizer, total_steps=steps_per_epoch * config.epochs)
+
+
 def _train_run(
-    config: TrainConfig, *, resume: bool, force_resume: bool, extra_callbacks: Sequence[Callback]
+    config: TrainConfig, *, resume: bool, force_resume: bool, extra_callbacks: Sequence[Callback], guard: GracefulStop
 ) -> dict:
     started = time.perf_counter()
     config = config.resolved()
@@ -248,60 +325,134 @@ def _train_run(
     out_dir = Path(config.out) if config.out else default_out_dir(config)
     out_dir = Path(distributed.broadcast_object(str(out_dir)))  # the default name holds rank 0's clock
     config.out = str(out_dir)
-    prepare_out_dir(out_dir, resume, create=False)
-    distributed.barrier()  # every rank checked --out before rank 0 writes into it
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    # the model is the same on every rank (same seed); --batch-size auto is resolved before
-    # config.json is written, so --resume reuses the choice
-    config, data, model = seeded_data_and_model(config, device)
-    if main:
-        write_atomically(out_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-    if world > 1:
-        torch.manual_seed(distributed.rank_seed(config.seed, rank))  # dropout masks differ per rank
-    train_batches = training_batches(config, data, rank=rank, world_size=world)
-    finder = None
-    if config.lr == "auto":
-        # every rank runs the (unsharded, trace-free) range test; rank 0's suggestion is used by all
-        found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, reuse=resume, write=main)
-        finder = distributed.broadcast_object(found)
-        config = dataclasses.replace(config, lr=finder["suggested_lr"])
-    fingerprint = data_fingerprint(data)
-    resume_state = checkpoint_to_resume(out_dir, config, fingerprint, device, force=force_resume) if resume else None
-    shard = {"rank": rank, "world_size": world, "lockstep": False}  # each rank evaluates its part; sums all-reduced
-    val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False, **shard)
-    callbacks = [*build_callbacks(config), *extra_callbacks]
-    trainer = Trainer(
-        model, config, callbacks=callbacks, out_dir=out_dir, run_info={"data_fingerprint": fingerprint}
-    )
-    log.info(
-        "training %s on %s (%d train / %d val / %d test) on %s -> %s",
-        config.model, config.dataset, len(data.train), len(data.val), len(data.test), device, out_dir,
-    )  # fmt: skip
-    with stop_cleanly_on_signals(trainer):
-        history = trainer.fit(train_batches, val_batches, resume_from=resume_state)
+    with owning_run_folder(out_dir):
+        prepare_out_dir(out_dir, resume)
+        crash_point("start")
+        # the model is the same on every rank (same seed); --batch-size auto is resolved before
+        # config.json is written, so --resume reuses the choice
+        config, data, model = seeded_data_and_model(config, device)
+        if world > 1:
+            torch.manual_seed(distributed.rank_seed(config.seed, rank))  # dropout masks differ per rank
+        train_batches = training_batches(config, data, rank=rank, world_size=world)
+        check_schedule(config, train_batches)
+        saved_config = json.dumps(config.to_dict(), indent=2) + "\n"  # as given: lr "auto" stays "auto"
+        if main and not resume:  # every check that needs no training passed: only now does the folder hold a run
+            write_atomically(out_dir / "config.json", saved_config)
+        guard.resumable = True
+        finder = None
+        if config.lr == "auto":
+            # every rank runs the (unsharded, trace-free) range test; rank 0's suggestion is used by all
+            found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, reuse=resume, write=main)
+            finder = distributed.broadcast_object(found)
+            config = dataclasses.replace(config, lr=finder["suggested_lr"])
+        fingerprint = data_fingerprint(data)
+        resume_state = None
+        if resume:
+            resume_state = checkpoint_to_resume(out_dir, config, fingerprint, model, device, force=force_resume)
+            if main:  # accepted: config.json now says what trains from here on (--force-resume may change it)
+                write_atomically(out_dir / "config.json", saved_config)
+        shard = {"rank": rank, "world_size": world, "lockstep": False}  # each rank evaluates its part; sums all-reduced
+        val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False, **shard)
+        callbacks = [*build_callbacks(config), *extra_callbacks]
+        trainer = Trainer(
+            model, config, callbacks=callbacks, out_dir=out_dir, run_info={"data_fingerprint": fingerprint}
+        )
+        log.info(
+            "training %s on %s (%d train / %d val / %d test) on %s -> %s",
+            config.model, config.dataset, len(data.train), len(data.val), len(data.test), device, out_dir,
+        )  # fmt: skip
+        with guard.deferred_to(trainer):
+            history = trainer.fit(train_batches, val_batches, resume_from=resume_state)
 
-    test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False, **shard))
-    summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
-    if finder is not None:
-        summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
-    if main:
-        write_outputs(trainer, history, summary, out_dir)
+        test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False, **shard))
+        summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
+        if finder is not None:
+            summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
+        if main:
+            write_outputs(trainer, history, summary, out_dir)
     log.info(
-        "test accuracy %.4f (loss %.4f), best epoch %s, %d epochs in %.1fs; wrote %s",
+        "test accuracy %.4f (loss %.4f), best epoch %s, %d epochs in %.1fs; wrote %s%s",
         summary["test_accuracy"], summary["test_loss"], summary["best_epoch"],
-        summary["epochs_run"], summary["wall_seconds"], out_dir,
+        summary["epochs_run"], summary["wall_seconds"], out_dir, save_failures_note(summary),
     )  # fmt: skip
     return summary
 
 
+def save_failures_note(summary: dict) -> str:
+    """The end of the last log line when checkpoints could not be saved: a run must not look clean."""
+    if not summary.get("failed_saves"):
+        return ""
+    best = "best.pt exists" if summary.get("best_checkpoint") else "there is no best.pt"
+    return f"; WARNING: {summary['failed_saves']} checkpoint save(s) failed (see above), {best}"
+
+
 def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir: Path) -> None:
-    """The final files: model/best safetensors, plots, summary.json (rank 0 only under DDP)."""
-    export_safetensors(trainer.model.state_dict(), out_dir / "model.safetensors")
-    if trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file():
-        export_safetensors(load_checkpoint(trainer.checkpoints.best_path)["model"], out_dir / "best.safetensors")
-    plot_history(history, out_dir)
-    write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    """The final files: model/best safetensors, plots, summary.json (rank 0 only under DDP).
+
+    summary.json comes last and only once the weights are exported: if an export fails (disk
+    full), ``--resume`` finishes the job from the last checkpoint instead of a finished-looking run.
+    """
+    crash_point("export")
+    final = trainer.model.state_dict()
+    if not all_finite(final):
+        raise NonFiniteLossError("the final weights hold NaN/inf; nothing was exported. Lower --lr or check the data.")
+    best = best_weights(trainer)
+    summary["best_weights"] = None if best is None else best[1]
+    exports = [(final, out_dir / "model.safetensors")] + ([(best[0], out_dir / "best.safetensors")] if best else [])
+    for state, path in exports:
+        try:
+            export_safetensors(state, path)
+        except OSError as exc:
+            raise OutputError(f"could not write {path}: {exc.strerror or exc}; {how_to_finish(trainer, out_dir)}") from None
+    try:
+        plot_history(history, out_dir)
+    except OSError as exc:
+        log.warning("could not write the plots into %s: %s", out_dir, exc.strerror or exc)
+    try:
+        write_atomically(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    except OSError as exc:
+        raise OutputError(f"could not write {out_dir / 'summary.json'}: {exc.strerror or exc}; "
+                          f"{how_to_finish(trainer, out_dir)}") from None  # fmt: skip
+
+
+def how_to_finish(trainer: Trainer, out_dir: Path) -> str:
+    if trainer.checkpoints is not None and trainer.checkpoints.latest() is not None:
+        return f"training is complete and its checkpoints are intact: free space, then `trainkit train --out {out_dir} --resume` finishes the export"
+    return "no checkpoint could be saved either: free space and run the job again"
+
+
+def best_weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The best epoch's weights for best.safetensors and where they came from (None: no best epoch).
+
+    ``best.pt`` when it verifies and holds the best epoch; else the same weights from early
+    stopping's copy or the final model (when the last epoch was the best); else the newest
+    checkpoint that verifies, named as such in the summary.
+    """
+    if trainer.checkpoints is None or trainer.best_epoch is None:
+        return None
+    try:
+        payload = load_checkpoint(trainer.checkpoints.best_path)
+        if payload["epoch"] == trainer.best_epoch:
+            return payload["model"], f"checkpoints/best.pt (epoch {trainer.best_epoch})"
+        problem = f"best.pt holds epoch {payload['epoch']}, not the best epoch {trainer.best_epoch} (saving it failed)"
+    except CheckpointError as exc:
+        problem = str(exc)
+    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    if stopper is not None and stopper.best_weights is not None and stopper.best_epoch == trainer.best_epoch:
+        source = f"early stopping's copy of epoch {stopper.best_epoch}"
+        weights = stopper.best_weights
+    elif stopper is None and trainer.state.epoch == trainer.best_epoch:
+        source = f"the final weights (epoch {trainer.best_epoch}, the best)"
+        weights = trainer.model.state_dict()
+    else:
+        found = trainer.checkpoints.newest_valid(set_aside=False)
+        if found is None:
+            log.warning("%s, and no checkpoint verifies: best.safetensors is not written", problem)
+            return None
+        source = f"checkpoints/{found[0].name} (epoch {found[1]['epoch']}, the newest valid checkpoint)"
+        weights = found[1]["model"]
+    log.warning("%s: best.safetensors holds %s instead", problem, source)
+    return weights, source
 
 
 def resolve_auto_lr(
@@ -315,9 +466,9 @@ def resolve_auto_lr(
     """
     saved = out_dir / "lr_find.json"
     if reuse and saved.is_file():
-        return json.loads(saved.read_text())
+        return read_json(saved, "the LR finder's result")
     optimizer = build_optimizer(
-        config.optimizer, model, lr=start_lr, weight_decay=config.weight_decay, momentum=config.momentum
+        config.optimizer, model, lr=1e-3, weight_decay=config.weight_decay, momentum=config.momentum  # lr_find sets each lr
     )
     result = lr_find(
         model, optimizer, batches, nn.CrossEntropyLoss(), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
@@ -337,9 +488,10 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
     config = dataclasses.replace(config, lr=1e-3 if config.lr == "auto" else config.lr).resolved()
     device = resolve_device(config.device)
     out_dir = Path(config.out) if config.out else Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config, data, model = seeded_data_and_model(config, device)
-    found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
+    with holding_run_folder(out_dir):
+        config, data, model = seeded_data_and_model(config, device)
+        found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, start_lr=start_lr,
+                                end_lr=end_lr, num_iter=num_iter)  # fmt: skip
     return {"out": str(out_dir), **{key: found[key] for key in ("suggested_lr", "suggestions", "stopped_early")}}
 
 
@@ -350,7 +502,14 @@ def seeded_data_and_model(config: TrainConfig, device: torch.device) -> tuple[Tr
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     data = load_training_data(config, device)
+    # refuse a model that cannot fit before allocating it, then its activations before training
+    batch = min(PROBE_BATCHES[0] if config.batch_size == "auto" else config.batch_size, len(data.train))
+    estimate = model_memory(config, data)
+    check_memory(estimate, device, batch)
     model = build_model_from_config(config, data).to(device)
+    if estimate is not None and not config.grad_checkpointing:  # checkpointing recomputes activations
+        per_sample = activation_bytes_per_sample(model, data.train.x)
+        check_memory(dataclasses.replace(estimate, activation_bytes=per_sample * batch), device, batch)
     if config.batch_size == "auto":
         config = resolve_auto_batch_size(config, model, data)
     return config, data, model
@@ -365,18 +524,16 @@ def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: Dataset
     return dataclasses.replace(config, batch_size=choice.batch_size)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Weights in safetensors: loadable anywhere without unpickling anything."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_path(path)
     state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    save_file(state, str(tmp), metadata={"model_sha256": model_sha256(state)})
-    os.replace(tmp, path)
+    try:
+        save_file(state, str(tmp), metadata={"model_sha256": model_sha256(state)})
+    except SafetensorError as exc:  # how safetensors reports I/O failures such as a full disk
+        tmp.unlink(missing_ok=True)
+        raise OSError(None, str(exc)) from exc
+    commit_temp_file(tmp, path)
 
 
 def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, wall_seconds: float) -> dict:
@@ -394,6 +551,8 @@ def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, 
         "stopped_early": trainer.state.stop_requested,
         "skipped_steps": sum(row.get("skipped_steps", 0) for row in history),
         "rollbacks": trainer.rollbacks,
+        "failed_saves": trainer.failed_saves,
+        "best_checkpoint": "checkpoints/best.pt" if has_best_checkpoint(trainer) else None,
         "wall_seconds": round(wall_seconds, 3),
         "model_sha256": model_sha256(trainer.model),
         "lr": trainer.config.lr,
@@ -402,16 +561,25 @@ def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, 
     }
 
 
+def has_best_checkpoint(trainer: Trainer) -> bool:
+    return trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file()
+
+
 def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict:
     """Test-set loss and accuracy of a checkpoint, rebuilt from the config stored in it."""
     payload = load_checkpoint(path)
-    config = config_from_dict(payload["config"], source=str(path))
-    if data_dir is not None:
-        config.data_dir = data_dir
-    config.device = device
+    try:
+        config = config_from_dict(payload["config"], source=f"the settings stored in {path}").resolved()
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    config = dataclasses.replace(config, device=device, data_dir=config.data_dir if data_dir is None else data_dir)
+    config.validate()
     torch_device = resolve_device(device)
     data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=torch_device)
     model = build_model_from_config(config, data)
+    mismatch = state_dict_mismatch(model, payload["model"])
+    if mismatch is not None:
+        raise CheckpointError(f"{path}: its weights do not fit the model its settings describe ({mismatch})")
     model.load_state_dict(payload["model"])
     trainer = Trainer(model, config)
     test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False))

@@ -14,6 +14,7 @@ value at the last of ``total_steps`` steps, so the final optimizer step uses it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -26,6 +27,8 @@ from torch.optim import lr_scheduler as sched
 
 from trainkit.errors import ConfigError
 
+log = logging.getLogger("trainkit")
+
 SCHEDULE_NAMES = (
     "constant", "step", "multistep", "exponential", "cosine", "warmup_cosine", "linear",
     "onecycle", "cosine_restarts", "plateau",
@@ -37,6 +40,7 @@ WARMUP_START_FACTOR = 0.01  # warmup begins at 1% of the peak lr
 STEP_DECAYS = 3  # step: by default the lr decays at each third of the run
 MULTISTEP_FRACTIONS = (0.5, 0.75)  # multistep: default milestones, as fractions of the post-warmup steps
 EXPONENTIAL_END_FACTOR = 0.01  # exponential: by default the lr ends at 1% of the peak (or min_lr if higher)
+MAX_CURVE_STEPS = 10**6  # lr_curve steps a real scheduler: a million steps take seconds
 RESTART_FRACTION = 4  # cosine_restarts: by default the first cycle is a quarter of the run
 
 
@@ -163,7 +167,10 @@ def build_scheduler(
     """
     spec = _resolve_spec(spec, warmup_steps)
     _require_int_at_least("total_steps", total_steps, 1)
-    spec = replace(spec, warmup_steps=min(spec.warmup_steps, total_steps - 1))
+    if spec.warmup_steps > total_steps - 1:
+        log.warning("warmup of %d steps shortened to %d: at least one step must follow it (%d in the run)",
+                    spec.warmup_steps, total_steps - 1, total_steps)  # fmt: skip
+        spec = replace(spec, warmup_steps=total_steps - 1)
     _require_floor_below_peak(spec.min_lr, optimizer)
     if spec.name == "onecycle":
         return _onecycle(optimizer, spec, total_steps)
@@ -310,8 +317,10 @@ def lr_curve(
     Plateau reacts to ``metrics`` (one per epoch, reported after every ``steps_per_epoch``
     steps; default: the epochs spread evenly over the run); without them it stays flat.
     """
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr}")
+    if not 0 < lr < math.inf:
+        raise ConfigError(f"lr must be a positive finite number, got {lr}")
+    if total_steps > MAX_CURVE_STEPS:
+        raise ConfigError(f"a preview of at most {MAX_CURVE_STEPS:,} steps, got {total_steps:,}: the curve is stepped one step at a time")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     schedule = build_scheduler(spec, optimizer, total_steps=total_steps)
     metric_at_step = _metric_schedule(metrics or (), steps_per_epoch, total_steps)

@@ -43,14 +43,15 @@ from tqdm import tqdm
 import trainkit
 from trainkit import distributed
 from trainkit.callbacks import Callback, TrainState, is_improvement
-from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint
-from trainkit.config import TrainConfig
+from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint, state_dict_mismatch
+from trainkit.config import DEFAULT_SKIP_FRACTION, TrainConfig, require_device
 from trainkit.data import DeviceBatches
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.faults import crash_point
 from trainkit.history import EpochMeter, HistoryFile, format_epoch
 from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.optim import build_optimizer
+from trainkit.rundir import holding_run_folder, remove_stale_temp_files
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
 
 log = logging.getLogger("trainkit")
@@ -71,12 +72,14 @@ def resolve_device(name: str) -> torch.device:
     """'auto' means CUDA when available, else CPU; an unavailable device is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    require_device(name)
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps was asked for but MPS is not available here; use --device cpu")
     return device
 
 
@@ -131,6 +134,25 @@ def phase(name: str):
     A no-op unless a profiler is running: record_function alone costs ~10 us per call on CPU.
     """
     return record_function(name) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
+
+
+class BufferSnapshot:
+    """Copies of a model's buffers (BatchNorm running statistics and counters), so a skipped
+    step can undo what its forward pass did to them. One small copy per buffer per step, taken
+    only under ``--on-nonfinite skip``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.live = list(model.buffers())
+        self.saved = [buffer.detach().clone() for buffer in self.live]
+
+    def take(self) -> None:
+        for saved, live in zip(self.saved, self.live):
+            saved.copy_(live)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for saved, live in zip(self.saved, self.live):
+                live.copy_(saved)
 
 
 def labelled_as_data(batches: Iterable[Batch]) -> Iterator[Batch]:
@@ -227,6 +249,9 @@ class Trainer:
         self.best_epoch: int | None = None
         self.rollbacks = 0
         self.lr_scale = 1.0
+        self.failed_saves = 0  # checkpoint writes that failed (disk full, permissions): reported in the summary
+        self.max_skipped_steps = self.config.max_skipped_steps  # None until fit() knows the epoch length
+        self._buffers = BufferSnapshot(self.model) if self.config.on_nonfinite == "skip" else None
         self.interrupt_reason: str | None = None
         self._meter = EpochMeter(self.device)
         self._batches_done = 0  # micro-batches of the current epoch already trained on
@@ -247,17 +272,29 @@ class Trainer:
     ) -> list[dict[str, float]]:
         """Train for up to ``config.epochs`` epochs (early stopping may end sooner); returns the history.
 
-        ``resume_from``: a checkpoint path or an already loaded checkpoint payload.
+        ``resume_from``: a checkpoint path or an already loaded checkpoint payload. The output
+        folder (if any) is locked for the whole fit: a second process gets a one-line error.
         """
+        if self.out_dir is None or not self.is_main:
+            return self._fit(train, val, resume_from)
+        with holding_run_folder(self.out_dir):
+            return self._fit(train, val, resume_from)
+
+    def _fit(
+        self, train: DeviceBatches, val: DeviceBatches | None, resume_from: str | Path | dict[str, Any] | None
+    ) -> list[dict[str, float]]:
         steps_per_epoch = math.ceil(len(train) / self.config.accumulate)
         self.scheduler = build_scheduler(
             schedule_spec(self.config, steps_per_epoch), self.optimizer, total_steps=steps_per_epoch * self.config.epochs
         )
+        if self.max_skipped_steps is None:
+            self.max_skipped_steps = max(1, math.ceil(DEFAULT_SKIP_FRACTION * steps_per_epoch))
         if resume_from is not None:
             payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device)
             self.load_state_dict(payload)
             log.info("resumed at epoch %d, optimizer step %d", self.state.epoch + 1, self.state.global_step)
         if self.checkpoints is not None and self.is_main:
+            remove_stale_temp_files(self.out_dir)
             self.checkpoints.remove_temp_files()
         if self.config.on_nonfinite == "rollback":
             self._fallback_state = copy.deepcopy(self.state_dict())
@@ -316,8 +353,9 @@ class Trainer:
             step_metric(metrics[self.config.monitor])
         self.history_file.append(metrics)
         log.info("%s", format_epoch(metrics, self.config.epochs))
-        is_best = self._weights_finite() and self._is_new_best(metrics)  # NaN weights never best
-        saved = self._save_checkpoint(epoch_complete=True, is_best=is_best)
+        if not self._weights_finite():  # checked after the callbacks too: nothing non-finite is saved or best
+            self._nonfinite_weights()
+        saved = self._save_checkpoint(epoch_complete=True, is_best=self._is_new_best(metrics))
         self._stop_if_interrupted(saved)
 
     def _train_one_epoch(self, train: DeviceBatches) -> None:
@@ -361,6 +399,8 @@ class Trainer:
         """
         local_samples = sum(len(targets) for _, targets in group)
         group_size = local_samples if global_samples is None else global_samples / self.world_size
+        if self._buffers is not None:
+            self._buffers.take()
         while True:
             try:
                 group_loss, correct = self._accumulate_gradients(group, group_size)
@@ -489,10 +529,30 @@ class Trainer:
         return True
 
     def _skip_step(self) -> None:
-        """Drop this step's gradients; the schedule still advances so later steps keep their lr."""
+        """Drop this step's gradients and undo its forward pass's buffer updates (BatchNorm
+        statistics); the schedule still advances so later steps keep their lr. Past
+        ``--max-skipped-steps`` in the run, stop like "raise": a run that skips most steps learns nothing."""
         self.optimizer.zero_grad(set_to_none=True)
+        self._buffers.restore()
         self._meter.skipped += 1
         self.scheduler.step()
+        skipped = self._meter.skipped + sum(int(row.get("skipped_steps", 0)) for row in self.state.history)
+        if skipped > self.max_skipped_steps:
+            raise NonFiniteLossError(
+                f"{skipped} optimizer steps had a NaN/inf loss or gradient and were skipped, more than "
+                f"--max-skipped-steps {self.max_skipped_steps}; training stopped at step {self.state.global_step + 1}. "
+                f"Earlier checkpoints are intact. Try a lower --lr or --clip-norm."
+            )
+
+    def _nonfinite_weights(self) -> None:
+        """NaN/inf in the weights or buffers after an epoch: roll back, or stop (never saved or exported)."""
+        if self.config.on_nonfinite == "rollback":
+            raise NonFiniteStep(self.state.global_step)
+        raise NonFiniteLossError(
+            f"the weights or buffers hold NaN/inf after epoch {self.state.epoch} (optimizer step "
+            f"{self.state.global_step}); training stopped and nothing was saved from it. Earlier checkpoints "
+            f"are intact. Try a lower --lr, --clip-norm or --on-nonfinite rollback."
+        )
 
     def _first_nonfinite_step(self) -> int:
         """The earliest logged step whose loss is NaN/inf, on any rank (-1: none); empties the log.
@@ -611,6 +671,8 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
+            "failed_saves": self.failed_saves,
+            "stop": {"requested": self.state.stop_requested, "reason": self.state.stop_reason},
             "callbacks": {type(callback).__name__: callback.state_dict() for callback in self.callbacks},
             "rng": rng,
         }
@@ -629,6 +691,7 @@ class Trainer:
         }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; parts that do not fit this run are one CheckpointError."""
         saved_world = payload.get("run_info", {}).get("world_size", 1)
         if saved_world != self.world_size:
             raise CheckpointError(
@@ -636,6 +699,17 @@ class Trainer:
                 f"resume with the same number of processes (torchrun --nproc_per_node x --nnodes)"
             )
         own = payload["per_rank"][self.rank] if "per_rank" in payload else None
+        mismatch = state_dict_mismatch(self.model, payload["model"])
+        if mismatch is not None:
+            raise CheckpointError(f"the checkpoint's weights do not fit this model ({mismatch}): it was written "
+                                  f"for another --model or --hidden")  # fmt: skip
+        try:
+            self._restore(payload, own)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"the checkpoint's state does not fit this run ({problem})") from None
+
+    def _restore(self, payload: dict[str, Any], own: dict[str, Any] | None) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload["scheduler"] is not None:
@@ -652,6 +726,9 @@ class Trainer:
         self.state.metrics = self.state.history[-1] if self.state.history else {}
         self.best_metric, self.best_epoch = payload["best_metric"], payload["best_epoch"]
         self.rollbacks, self.lr_scale = payload["rollbacks"], payload["lr_scale"]
+        self.failed_saves = payload.get("failed_saves", 0)
+        stop = payload.get("stop", {"requested": False, "reason": ""})
+        self.state.stop_requested, self.state.stop_reason = stop["requested"], stop["reason"]
         for callback in self.callbacks:
             saved = payload["callbacks"].get(type(callback).__name__)
             if saved:
@@ -688,21 +765,31 @@ class Trainer:
             return None
         payload = self.state_dict(epoch_complete=epoch_complete)
         step = None if epoch_complete else self.state.global_step
-        path, failure, message = None, None, None
-        if self.is_main:
-            try:
-                path = self.checkpoints.save(payload, epoch=self.state.epoch, step=step, is_best=is_best)
-            except Exception as exc:  # disk full, permissions, I/O errors: report, keep the old files
-                failure = exc
-                message = (f"could not save a checkpoint at step {self.state.global_step}: {exc}; "
-                           f"earlier checkpoints are intact")  # fmt: skip
+        path, message = self._write_checkpoint(payload, step, is_best) if self.is_main else (None, None)
         path, message = distributed.broadcast_object((path, message))
         if message is None:
             return path
+        self.failed_saves += 1
         if self.config.on_save_error == "stop":
-            raise CheckpointError(message) from failure
+            raise CheckpointError(message)
         log.error("%s; training continues (--on-save-error stop to stop instead)", message)
-        return None
+        return path  # the epoch's own file may have been written even when best.pt was not
+
+    def _write_checkpoint(self, payload: dict[str, Any], step: int | None, is_best: bool) -> tuple[Path | None, str | None]:
+        """Rank 0 writes the checkpoint, then best.pt; disk full, permissions and I/O errors come
+        back as a message (the old files stay intact), naming which of the two failed."""
+        at = f"at step {self.state.global_step}"
+        try:
+            path = self.checkpoints.save(payload, epoch=self.state.epoch, step=step)
+        except Exception as exc:
+            return None, f"could not save a checkpoint {at}: {exc}; earlier checkpoints are intact"
+        if not is_best:
+            return path, None
+        try:
+            self.checkpoints.save_best(payload)
+        except Exception as exc:
+            return path, f"saved {path.name} but could not update best.pt {at}: {exc}; the previous best.pt is intact"
+        return path, None
 
     def _interrupt_agreed(self) -> bool:
         """Stop now? Signals may reach ranks at different steps: under DDP, one signalled rank

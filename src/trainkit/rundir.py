@@ -1,0 +1,188 @@
+"""The run folder: one process at a time, files written atomically, leftovers cleaned safely.
+
+A run folder (``--out``) is owned by exactly one process for the whole run: an exclusive
+``flock`` on ``OUT/.lock``, which the OS releases when the process dies, so a stale lock of a
+killed run never blocks ``--resume``. Two ``trainkit train`` on one folder, or a ``--resume``
+while the run is still training, would otherwise interleave their history rows and overwrite
+each other's checkpoints.
+
+Every file trainkit writes goes to ``.NAME.PID.tmp`` first, is fsynced and renamed over
+``NAME``, and the folder is fsynced: a crash leaves the old file or the new one. A temp file
+whose PID is still alive belongs to a writer in flight and is never removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from trainkit.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks (documented in docs/reliability.md)
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger("trainkit")
+
+LOCK_FILE = ".lock"
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\..+?(?:\.(\d+))?\.tmp$")
+_held: dict[Path, int] = {}  # run folders this process holds: resolved path -> lock fd
+
+
+# ------------------------------------------------------------------ the lock
+class RunFolderBusy(ConfigError):
+    """Another live process holds the run folder."""
+
+
+def lock_run_folder(out_dir: Path) -> None:
+    """Take the exclusive lock on ``out_dir`` for the rest of this process (or until released).
+
+    Creates the folder if needed; every way that can fail (a file in the way, a read-only
+    filesystem, no permission) is a one-line ConfigError naming the folder.
+    """
+    key = out_dir.resolve()
+    if key in _held:
+        return
+    make_folder(out_dir)
+    try:
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write into --out {out_dir}: {exc.strerror}; choose a writable folder") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderBusy(
+                f"{out_dir} is in use by another trainkit process (PID {holder}); wait for it to finish, "
+                f"stop it, or choose another --out"
+            ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[key] = fd
+
+
+def release_run_folder(out_dir: Path) -> None:
+    fd = _held.pop(out_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextmanager
+def holding_run_folder(out_dir: Path) -> Iterator[None]:
+    """Hold the lock for the block; a no-op when this process already holds it (train_run does)."""
+    if out_dir.resolve() in _held:
+        yield
+        return
+    lock_run_folder(out_dir)
+    try:
+        yield
+    finally:
+        release_run_folder(out_dir)
+
+
+def make_folder(path: Path) -> None:
+    """mkdir -p, with the reason in one line when it cannot be done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--out {path} is a file, not a folder; choose another --out") from None
+    except NotADirectoryError:
+        raise ConfigError(f"--out {path} lies under a file, not a folder; choose another --out") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create --out {path}: {exc.strerror}; choose a writable folder") from None
+
+
+# ------------------------------------------------------------- atomic files
+def temp_path(path: Path) -> Path:
+    """Where ``path`` is written before its rename: unique per process, hidden, same folder."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename durable: without this, a power cut can forget the new directory entry."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Write, fsync, rename, fsync the folder; on any failure the old file (if any) is untouched."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def commit_temp_file(tmp: Path, path: Path) -> None:
+    """Finish an atomic write that a library made into ``tmp`` (e.g. safetensors): fsync, rename."""
+    try:
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temp files left by crashed writers; a file whose writer PID is alive is left alone."""
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match is None or (match.group(1) and _is_other_live_process(int(match.group(1)))):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        log.info("removed %s, left by an interrupted write", path)
+    return removed
+
+
+def _is_other_live_process(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours: nothing of ours is in flight when clean-up runs
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    except OverflowError:
+        return False
+    return True
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file trainkit wrote; damage or hand edits become one line naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is damaged ({exc}); restore it from a backup or start a new run") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
