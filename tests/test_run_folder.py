@@ -62,14 +62,22 @@ def test_a_second_run_and_a_resume_are_refused_while_a_run_holds_the_folder_and_
 
 
 def test_two_runs_started_at_once_on_one_folder_never_mix(tmp_path):
+    """The review's F9: both processes used to pass the "holds a run?" check while the first was
+    still loading data. Freeze the first right there (after the lock, before config.json)."""
     out = tmp_path / "run"
-    runs = [start(out, "--seed", str(seed)) for seed in (0, 1)]
-    results = [(run.wait(timeout=300), run.communicate()[1]) for run in runs]
-    assert sorted(code for code, _ in results) == [0, EXIT_USAGE], results
-    refused = next(err for code, err in results if code == EXIT_USAGE)
-    assert "in use by another trainkit process" in refused or "already holds a run" in refused
-    winner_seed = json.loads((out / "config.json").read_text())["seed"]
-    assert json.loads((out / "summary.json").read_text())["seed"] == winner_seed
+    first = start(out, "--seed", "0", stop_at="start:1")
+    try:
+        wait_until_stopped(first)
+        assert not (out / "config.json").exists()
+        second = subprocess.run([sys.executable, "-m", "trainkit", "train", *RUN, "--out", str(out), "--seed", "1"],
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert second.returncode == EXIT_USAGE and f"(PID {first.pid})" in second.stderr, second.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert json.loads((out / "config.json").read_text())["seed"] == 0
+    assert json.loads((out / "summary.json").read_text())["seed"] == 0
     epochs = [line.split(",")[0] for line in (out / "history.csv").read_text().splitlines()[1:]]
     assert epochs == ["1", "2", "3"]
 
