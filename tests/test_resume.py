@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from crashes import crash
+
 from trainkit.callbacks import Callback
 from trainkit.checkpoint import CheckpointDir, encode, load_checkpoint
 from trainkit.cli import EXIT_UNVERIFIED, EXIT_USAGE, main
@@ -22,23 +24,6 @@ from trainkit.errors import CheckpointError, ConfigError
 from trainkit.run import data_fingerprint, fingerprint_differences, resolve_auto_lr, resume_config, train_run
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
-
-
-class CrashAtEpoch(Callback):
-    """Raises at the start of ``epoch``: the checkpoints of the epochs before it are on disk."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, state) -> None:
-        if state.epoch == self.epoch:
-            raise RuntimeError("simulated crash")
-
-
-def crash(config, epoch: int) -> Path:
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train_run(config, extra_callbacks=[CrashAtEpoch(epoch)])
-    return Path(config.out)
 
 
 def flip_a_byte(path: Path) -> None:

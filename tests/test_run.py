@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 import pytest
+from crashes import CrashAtEpoch
 from safetensors.torch import load_file
 
-from trainkit.callbacks import Callback
 from trainkit.checkpoint import all_finite, load_checkpoint, model_sha256, verify_checkpoint
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.run import resume_config, train_run
@@ -47,15 +47,6 @@ def test_early_stopping_leaves_the_best_validation_epochs_weights(synthetic_conf
     assert summary["best_epoch"] == best["epoch"]
     assert summary["model_sha256"] == model_sha256(best["model"])
     assert min(r["val_loss"] for r in history) == summary["best_val_metric"]
-
-
-class CrashAtEpoch(Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_epoch_start(self, state) -> None:
-        if state.epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def test_resume_after_a_crash_reproduces_the_uninterrupted_run(synthetic_config, tmp_path):

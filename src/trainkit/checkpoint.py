@@ -287,7 +287,8 @@ class CheckpointDir:
                 if check is not None:
                     check(payload)
             except CheckpointError as exc:
-                self._skip(path, str(exc), rename=set_aside)
+                kept = self.set_aside(path) if set_aside else "left it in place"
+                log.warning("skipping %s: %s; %s and falling back to an older checkpoint", path.name, exc, kept)
                 continue
             if path == self.best_path:
                 log.warning("no epoch or step checkpoint in %s is usable; using best.pt (end of epoch %d)",
@@ -295,15 +296,15 @@ class CheckpointDir:
             return path, payload
         return None
 
-    def _skip(self, path: Path, reason: str, *, rename: bool) -> None:
+    def set_aside(self, path: Path) -> str:
+        """Rename an unusable file ``NAME.corrupt``: out of resume's and retention's way, kept for a look.
+        Returns what was done, for the log line."""
         target = path.with_name(path.name + SET_ASIDE_SUFFIX)
-        if rename:
-            try:
-                os.replace(path, target)
-            except OSError:
-                rename = False
-        kept = f"renamed it {target.name}" if rename else "left it in place"
-        log.warning("skipping %s: %s; %s and falling back to an older checkpoint", path.name, reason, kept)
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            return f"could not rename it ({exc.strerror})"
+        return f"renamed it {target.name}"
 
     def save(self, payload: dict[str, Any], *, epoch: int, step: int | None) -> Path:
         """Write one epoch or step checkpoint, then apply retention."""

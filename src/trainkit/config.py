@@ -189,7 +189,7 @@ class TrainConfig:
         cores = os.cpu_count() or 1
         if self.threads is not None and self.threads > cores:
             raise ConfigError(f"--threads {self.threads} is more than the {cores} CPU cores here; use at most {cores}")
-        if not self.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+        if not self.hidden or any(h < 1 for h in self.hidden):  # types are checked already
             raise ConfigError(f"--hidden must be a list of positive layer widths, e.g. 256,128; got {self.hidden}")
 
     def _validate_schedule(self) -> None:

@@ -48,7 +48,7 @@ from trainkit.memory import (
 from trainkit.optim import build_optimizer
 from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.plots import plot_history
-from trainkit.rundir import commit_temp_file, holding_run_folder, make_folder, read_json, temp_path, write_atomically
+from trainkit.rundir import holding_run_folder, read_json, replacing_atomically, write_atomically
 from trainkit.schedules import build_scheduler
 from trainkit.signals import GracefulStop, graceful_stop
 from trainkit.trainer import Trainer, autocast_dtype, resolve_device, schedule_spec
@@ -260,8 +260,8 @@ def set_aside_damaged_best(checkpoints: CheckpointDir) -> None:
     """A best.pt that fails verification is renamed now, not found at the end of the run."""
     problem = verify_checkpoint(checkpoints.best_path) if checkpoints.best_path.exists() else None
     if problem is not None:
-        checkpoints.best_path.replace(checkpoints.best_path.with_name("best.pt.corrupt"))
-        log.warning("%s; renamed it best.pt.corrupt: best.safetensors will come from another source", problem)
+        done = checkpoints.set_aside(checkpoints.best_path)
+        log.warning("%s; %s: best.safetensors will come from another source", problem, done)
 
 
 def train_run(
@@ -526,14 +526,12 @@ def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: Dataset
 
 def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Weights in safetensors: loadable anywhere without unpickling anything."""
-    tmp = temp_path(path)
     state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    try:
-        save_file(state, str(tmp), metadata={"model_sha256": model_sha256(state)})
-    except SafetensorError as exc:  # how safetensors reports I/O failures such as a full disk
-        tmp.unlink(missing_ok=True)
-        raise OSError(None, str(exc)) from exc
-    commit_temp_file(tmp, path)
+    with replacing_atomically(path) as tmp:
+        try:
+            save_file(state, str(tmp), metadata={"model_sha256": model_sha256(state)})
+        except SafetensorError as exc:  # how safetensors reports I/O failures such as a full disk
+            raise OSError(None, str(exc)) from exc
 
 
 def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, wall_seconds: float) -> dict:

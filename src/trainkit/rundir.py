@@ -118,24 +118,14 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write, fsync, rename, fsync the folder; on any failure the old file (if any) is untouched."""
+@contextmanager
+def replacing_atomically(path: Path) -> Iterator[Path]:
+    """Yield the temp path to write ``path``'s new content to; then fsync it, rename it over
+    ``path`` and fsync the folder. On any failure the temp file is removed and the old file
+    (if any) is untouched."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def commit_temp_file(tmp: Path, path: Path) -> None:
-    """Finish an atomic write that a library made into ``tmp`` (e.g. safetensors): fsync, rename."""
-    try:
+        yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -143,6 +133,11 @@ def commit_temp_file(tmp: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+def write_atomically(path: Path, data: str | bytes) -> None:
+    with replacing_atomically(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:

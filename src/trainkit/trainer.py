@@ -588,7 +588,7 @@ class Trainer:
                 f"the training loss became NaN/inf at optimizer step {step} again after "
                 f"{self.rollbacks} rollbacks (--max-rollbacks); giving up. Lower --lr or check the data."
             )
-        found = self.checkpoints.newest_valid(self.device) if self.checkpoints is not None else None
+        found = self.checkpoints.newest_valid(self.device, set_aside=self.is_main) if self.checkpoints is not None else None
         source, payload = found if found is not None else ("the state at the start of fit()", self._fallback_state)
         rollbacks, target_scale = self.rollbacks + 1, self.lr_scale * self.config.rollback_lr_factor
         self.load_state_dict(payload)
