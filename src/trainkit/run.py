@@ -416,9 +416,10 @@ def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir:
 
 
 def how_to_finish(trainer: Trainer, out_dir: Path) -> str:
+    resume = f"`trainkit train --out {out_dir} --resume`"
     if trainer.checkpoints is not None and trainer.checkpoints.latest() is not None:
-        return f"training is complete and its checkpoints are intact: free space, then `trainkit train --out {out_dir} --resume` finishes the export"
-    return "no checkpoint could be saved either: free space and run the job again"
+        return f"training is complete and its checkpoints are intact: free space, then {resume} finishes the export"
+    return f"no checkpoint could be saved either: free space, then {resume} trains the run again from the start"
 
 
 def best_weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], str] | None:
