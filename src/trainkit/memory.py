@@ -256,10 +256,11 @@ def check_model_fits(estimate: MemoryEstimate, device: torch.device, *, batch_si
     available = device_memory_bytes(device)
     if estimate.total <= available:
         return
+    activations = (f", {estimate.activation_bytes / GiB:,.1f} GiB of activations at batch {batch_size}"
+                   if estimate.activation_bytes else "")  # fmt: skip
     raise ConfigError(
         f"the model would need about {estimate.total / GiB:,.1f} GiB on {device} ({estimate.parameters:,} parameters: "
-        f"{estimate.state_bytes / GiB:,.1f} GiB for weights, gradients and optimizer state, "
-        f"{estimate.activation_bytes / GiB:,.1f} GiB of activations at batch {batch_size}) but "
+        f"{estimate.state_bytes / GiB:,.1f} GiB for weights, gradients and optimizer state{activations}) but "
         f"{available / GiB:,.1f} GiB is available; {hint}"
     )
 
