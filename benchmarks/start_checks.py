@@ -23,7 +23,7 @@ import torch
 from trainkit.config import TrainConfig
 from trainkit.data import load_dataset
 from trainkit.memory import activation_bytes_per_sample
-from trainkit.run import build_model_from_config, data_fingerprint, model_memory
+from trainkit.components import build_model_from_config, data_fingerprint, model_memory
 from trainkit.rundir import lock_run_folder, release_run_folder
 
 

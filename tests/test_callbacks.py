@@ -1,4 +1,4 @@
-"""Early stopping: the decision rules, and restoring the best epoch's exact weights."""
+"""Early stopping: the decision rules (Keras 3's), and restoring the best epoch's exact weights."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def run_epochs(stopper: EarlyStopping, values: list[float], model: nn.Module | N
                 p.add_(float(epoch))  # in-place, like optimizer.step()
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         state.epoch, state.metrics = epoch, {"val_loss": value, "val_accuracy": 1 - value}
-        stopper.on_epoch_end(state)
+        stopper.on_validation_end(state)
         if state.stop_requested:
             break
     return state, snapshots
@@ -36,7 +36,7 @@ def test_stops_after_patience_epochs_without_improvement():
 
 def test_restores_the_best_epochs_exact_weights_not_an_alias():
     model = nn.Linear(4, 2)
-    stopper = EarlyStopping(patience=2, restore_best=True)
+    stopper = EarlyStopping(patience=2, restore_best_weights=True)
     state, snapshots = run_epochs(stopper, [1.0, 0.5, 0.7, 0.8], model)
     stopper.on_fit_end(state)
     restored = model.state_dict()
@@ -62,11 +62,59 @@ def test_mode_max_and_min_delta():
     assert state.stop_requested and state.epoch == 4 and stopper.best_epoch == 2
 
 
-def test_baseline_must_be_beaten():
+def test_baseline_improvements_that_miss_it_still_count_towards_patience():
+    """Keras 3: an improvement that does not beat the baseline records the best but does not reset
+    wait; a later epoch that does not improve then stops at once."""
     stopper = EarlyStopping(patience=2, baseline=0.3)
-    state, _ = run_epochs(stopper, [0.5, 0.4, 0.35])
-    assert state.stop_requested and state.epoch == 2
-    assert stopper.best_epoch is None and stopper.best_weights is None
+    state, _ = run_epochs(stopper, [0.5, 0.4, 0.45])
+    assert state.stop_requested and state.epoch == 3 and stopper.wait == 3
+    assert stopper.best == 0.4 and stopper.best_epoch == 2
+
+
+def test_beating_the_baseline_resets_patience():
+    stopper = EarlyStopping(patience=2, baseline=0.3)
+    state, _ = run_epochs(stopper, [0.5, 0.2, 0.25, 0.26, 0.27])
+    assert state.stop_requested and state.epoch == 4 and stopper.best_epoch == 2
+
+
+def test_first_monitored_weights_are_kept_even_when_the_value_is_nan():
+    model = nn.Linear(4, 2)
+    stopper = EarlyStopping(patience=1)
+    state, snapshots = run_epochs(stopper, [float("nan"), float("nan")], model)
+    assert state.stop_requested and stopper.best_epoch == 1
+    stopper.on_fit_end(state)
+    assert torch.equal(model.weight, snapshots[0]["weight"])
+
+
+def test_patience_zero_stops_at_the_first_epoch_without_improvement():
+    state, _ = run_epochs(EarlyStopping(patience=0), [1.0, 0.5, 0.6, 0.1])
+    assert state.stop_requested and state.epoch == 3
+
+
+def test_mode_auto_reads_the_direction_from_the_name():
+    assert EarlyStopping("val_loss").mode == "min"
+    assert EarlyStopping("val_top5_accuracy").mode == "max"
+    assert EarlyStopping("train_r2").mode == "max" and EarlyStopping("val_perplexity").mode == "min"
+    with pytest.raises(ConfigError, match="cannot tell whether 'val_score'"):
+        EarlyStopping("val_score")
+
+
+def test_two_stoppers_on_different_metrics_keep_their_own_state(tmp_path):
+    """Checkpoint state is keyed per instance: neither overwrites the other on resume."""
+    from trainkit.trainer import callback_keys
+
+    by_loss, by_accuracy = EarlyStopping("val_loss", patience=3), EarlyStopping("val_accuracy", patience=3)
+    run_epochs(by_loss, [1.0, 0.5, 0.7])
+    run_epochs(by_accuracy, [1.0, 0.9, 0.8])  # accuracies 0.0, 0.1, 0.2: improving
+    keys = callback_keys([by_loss, by_accuracy])
+    assert keys == ["EarlyStopping[val_loss]", "EarlyStopping[val_accuracy]"]
+    assert callback_keys([by_loss, EarlyStopping("val_loss")]) == ["EarlyStopping[val_loss]", "EarlyStopping[val_loss]#2"]
+    saved = dict(zip(keys, (by_loss.state_dict(), by_accuracy.state_dict())))
+    fresh = [EarlyStopping("val_loss", patience=3), EarlyStopping("val_accuracy", patience=3)]
+    for key, stopper in zip(callback_keys(fresh), fresh):
+        stopper.load_state_dict(saved[key])
+    assert (fresh[0].best, fresh[0].wait) == (0.5, 1)
+    assert (fresh[1].best, fresh[1].wait) == (pytest.approx(0.2), 0)
 
 
 def test_start_from_epoch_ignores_early_epochs():
@@ -89,7 +137,7 @@ def test_state_round_trip():
     assert (other.best, other.best_epoch, other.wait) == (0.5, 2, 1)
 
 
-@pytest.mark.parametrize("kwargs", [{"mode": "up"}, {"patience": 0}, {"min_delta": -1}])
+@pytest.mark.parametrize("kwargs", [{"mode": "up"}, {"patience": -1}, {"min_delta": -1}, {"patience": 1.5}])
 def test_invalid_arguments(kwargs):
     with pytest.raises(ConfigError):
         EarlyStopping(**kwargs)

@@ -103,7 +103,7 @@ def test_rejects_models_that_are_not_sequential():
 
 def test_config_flag_builds_a_checkpointed_model():
     from trainkit.data import load_dataset
-    from trainkit.run import build_model_from_config
+    from trainkit.components import build_model_from_config
 
     data = load_dataset("synthetic", None, val_size=100, seed=0, device=torch.device("cpu"))
     config = TrainConfig(dataset="synthetic", grad_checkpointing=True).resolved()

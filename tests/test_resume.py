@@ -21,7 +21,8 @@ from trainkit.callbacks import Callback
 from trainkit.checkpoint import CheckpointDir, encode, load_checkpoint
 from trainkit.cli import EXIT_UNVERIFIED, EXIT_USAGE, main
 from trainkit.errors import CheckpointError, ConfigError
-from trainkit.run import data_fingerprint, fingerprint_differences, resolve_auto_lr, resume_config, train_run
+from trainkit.run import fingerprint_differences, resolve_auto_lr, resume_config, train_run
+from trainkit.components import data_fingerprint
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 

@@ -20,6 +20,8 @@ from typing import Any, NoReturn
 from trainkit import __version__
 from trainkit.config import (
     MAX_SEED,
+    MODES,
+    TASK_NAMES,
     NONFINITE_POLICIES,
     OPTIMIZERS,
     PRECISIONS,
@@ -32,6 +34,8 @@ from trainkit.config import (
 from trainkit.data import DATASET_NAMES
 from trainkit.distributed import STRATEGIES, env_rank
 from trainkit.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, TrainkitError
+from trainkit.factories import parse_key_values
+from trainkit.metrics import BUILTIN_METRICS
 from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
 
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
@@ -66,6 +70,10 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def float_list(text: str) -> list[float]:
     return [float(part) for part in text.split(",") if part]
 
@@ -88,12 +96,22 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--force-resume", action="store_true", help="resume even if settings or data differ from the checkpoint's")
     group = parser.add_argument_group("settings (defaults: the production MNIST recipe)")
     flag = lambda name, **kw: group.add_argument(name, default=argparse.SUPPRESS, **kw)  # noqa: E731
-    flag("--dataset", help="mnist, fashion-mnist or synthetic (default mnist)")
+    flag("--dataset", help="mnist, fashion-mnist, synthetic, or MODULE:FUNCTION returning (train, val[, test]) "
+                            "datasets (default mnist)")
+    group.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="keyword argument of a MODULE:FUNCTION dataset (repeatable; config file: dataset_args)")
+    flag("--num-workers", type=int, help="DataLoader worker processes for Dataset inputs (default 0)")
     flag("--data-dir", help="folder with the IDX files (default: $TRAINKIT_DATA_DIR, then the cache, then download)")
     flag("--val-size", type=int, help="training images held out for validation (default 5000)")
     flag("--train-size", type=int, help="train on only the first N training images (default: all)")
     flag("--augment", dest="augment_shift", type=int, help="random shifts of up to N pixels (default: 0 MLP, 2 CNN)")
-    flag("--model", help="mlp, residual_mlp or cnn (default mlp: 784-256-128-10)")
+    flag("--model", help="mlp, residual_mlp, cnn, or MODULE:FUNCTION returning an nn.Module (default mlp)")
+    group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="keyword argument of a MODULE:FUNCTION model (repeatable; config file: model_args)")
+    flag("--task", choices=TASK_NAMES, help="what the batches mean and what is measured (default classification)")
+    flag("--metrics", type=name_list, help="built-in metrics, comma separated: " + ", ".join(BUILTIN_METRICS)
+         + " (default: the task's own)")
+    flag("--loss", help="a torch.nn loss class instead of the task's, e.g. HuberLoss, L1Loss")
     flag("--hidden", type=int_list, help="MLP hidden widths, comma separated (default 256,128)")
     flag("--norm", help="batch, layer, group or none (default batch)")
     flag("--dropout", type=float, help="dropout rate (default 0.3)")
@@ -106,7 +124,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--momentum", type=float, help="SGD momentum (default 0.9)")
     flag("--batch-size", type=batch_size, help="micro-batch size, or auto: the largest that fits (default 128)")
     flag("--memory-budget", type=float, help="GiB a CPU step may use for --batch-size auto (default: half of free RAM)")
-    flag("--epochs", type=int, help="maximum epochs; early stopping may end sooner (default: 20 MLP, 12 CNN)")
+    flag("--epochs", type=int, help="maximum epochs; early stopping may end sooner (default: 20 MLP, 12 CNN, 10 others)")
+    flag("--max-steps", type=int, help="optimizer steps to train; when given it is the budget (default: epochs)")
+    flag("--val-every-steps", type=int, help="also validate every N optimizer steps; 0 = epoch ends only (default 0)")
     flag("--schedule", choices=SCHEDULES, help="(default warmup_cosine)")
     flag("--warmup", type=float, help="epochs of linear warmup before the schedule (default 1 for warmup_cosine, else 0)")
     flag("--min-lr", type=float, help="lr floor of cosine/linear/cosine_restarts/onecycle/plateau (default 0)")
@@ -131,7 +151,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--patience", type=int, help="early-stopping patience in epochs; 0 = off (default 5)")
     flag("--min-delta", type=float, help="smallest change that counts as improvement (default 0)")
     flag("--monitor", help="history metric for early stopping and best checkpoint (default val_loss)")
-    flag("--monitor-mode", choices=("min", "max"), help="(default min)")
+    flag("--monitor-mode", choices=MODES, help="auto: from the metric's name, loss down, accuracy up (default auto)")
     flag("--keep-checkpoints", type=int, help="newest checkpoint files to keep (default 3)")
     flag("--keep-every-epochs", type=int, help="also keep every K-th epoch's checkpoint; 0 = off (default 0)")
     flag("--checkpoint-every-steps", type=int, help="mid-epoch checkpoint every N optimizer steps; 0 = off")
@@ -190,6 +210,11 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[
     settings = {field.name for field in dataclasses.fields(TrainConfig)}
     flags = {key: value for key, value in vars(args).items() if key in settings}
     file_values = load_config_file(args.config) if args.config else {}
+    for name in ("model", "dataset"):  # --model-arg k=v entries override the config file's table
+        pairs = getattr(args, f"{name}_arg", [])
+        if pairs:
+            table = file_values.get(f"{name}_args", {})
+            flags[f"{name}_args"] = {**(table if isinstance(table, dict) else {}), **parse_key_values(pairs, f"--{name}-arg")}
     config = config_from_dict({**file_values, **flags}, source=args.config or "flags")
     return config, flags
 
@@ -214,10 +239,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from trainkit.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
-    print(
-        f"{result['checkpoint']} (epoch {result['epoch']}): test accuracy {result['test_accuracy']:.4f}, "
-        f"test loss {result['test_loss']:.4f} on {result['test_samples']} images"
-    )
+    measured = ", ".join(f"{key.removeprefix('test_')} {value:.4f}" for key, value in result.items()
+                         if key.startswith("test_") and key != "test_samples")  # fmt: skip
+    print(f"{result['checkpoint']} (epoch {result['epoch']}): {result['split']} {measured} on {result['test_samples']} samples")
     return 0
 
 
@@ -267,6 +291,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import load_checkpoint, require_checkpoint_file, verify_checkpoint
+    from trainkit.run import saved_settings
 
     require_checkpoint_file(Path(args.checkpoint))  # a missing file, folder or FIFO: a usage error (exit 2)
     problem = verify_checkpoint(args.checkpoint)
@@ -286,7 +311,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"  best {payload['config'].get('monitor')} {payload['best_metric']} at epoch {payload['best_epoch']}")
     print(f"  last epoch metrics: {json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()})}")
     print(f"  rollbacks {payload['rollbacks']}, versions {payload.get('versions')}")
-    print(f"  config: {json.dumps(payload['config'], default=str)}")
+    print(f"  config: {json.dumps(saved_settings(payload), default=str)}")
     return 0
 
 

@@ -23,12 +23,12 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
-from trainkit.data import DATASET_NAMES
+from trainkit.callbacks import monitor_direction
 from trainkit.distributed import STRATEGIES
 from trainkit.errors import ConfigError
-from trainkit.init import INIT_SCHEMES
-from trainkit.layers import ACTIVATIONS, NORMS
-from trainkit.models import MODEL_NAMES
+from trainkit.tasks import TASKS, build_task
+
+TASK_NAMES = tuple(TASKS)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = (
@@ -37,17 +37,19 @@ SCHEDULES = (
 )  # fmt: skip
 ANNEALS = ("cos", "linear")
 PRECISIONS = ("fp32", "bf16", "fp16")
-MODES = ("min", "max")
+MODES = ("auto", "min", "max")
 NONFINITE_POLICIES = ("raise", "skip", "rollback")
 SAVE_ERROR_POLICIES = ("continue", "stop")
 MAX_SEED = 2**32 - 1  # NumPy's seed range; torch and random accept it too
-# Metrics every run logs, by the names --monitor can use (val_*: only with validation data).
-MONITORABLE = ("val_loss", "val_accuracy", "train_loss", "train_accuracy", "grad_norm", "clip_fraction")
+# Metrics every run logs besides the task's train_<metric> / val_<metric> (trainkit.tasks).
+LOOP_MONITORABLE = ("grad_norm", "clip_fraction")
 # Fields whose command-line flag is not simply the field name with dashes.
 FLAG_NAMES = {"augment_shift": "--augment"}
 # The part of an epoch's optimizer steps that --on-nonfinite skip may drop by default.
 DEFAULT_SKIP_FRACTION = 0.1
 
+# What a model trainkit does not know (the user's own) gets: plain loop defaults.
+LOOP_DEFAULTS: dict[str, Any] = {"epochs": 10, "augment_shift": 0, "channels_last": False}
 # Defaults that depend on the model: the CNN trains fewer, slower epochs and needs
 # shift augmentation to get past 99.5%; the MLP does best without it in a short budget.
 MODEL_RECIPES: dict[str, dict[str, Any]] = {
@@ -60,16 +62,26 @@ MODEL_RECIPES: dict[str, dict[str, Any]] = {
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. Defaults are the production MNIST recipe."""
+    """Everything that defines a training run. Defaults are the production MNIST recipe.
 
-    # data
+    The Trainer reads only the loop settings (``LOOP_FIELDS``); the rest describe the recipe
+    (dataset, model and their options) that ``train_run`` and the CLI build.
+    """
+
+    # data: a trainkit dataset name, or MODULE:FUNCTION returning (train, val[, test]) datasets
     dataset: str = "mnist"
+    dataset_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a MODULE:FUNCTION dataset
+    num_workers: int = 0  # DataLoader worker processes for Dataset inputs (0: load in the training process)
     data_dir: str | os.PathLike | None = None
     val_size: int = 5000
     train_size: int | None = None  # use only the first N training images (experiments on a budget)
     augment_shift: int | None = None  # None: the model's recipe (MODEL_RECIPES)
-    # model
+    # model: a trainkit model name, or MODULE:FUNCTION returning an nn.Module
     model: str = "mlp"
+    model_args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a MODULE:FUNCTION model
+    task: str = "classification"  # classification | multilabel | regression | next_token (trainkit.tasks)
+    metrics: list[str] | None = None  # built-in metric names; None: the task's own
+    loss: str | None = None  # a torch.nn loss class name (e.g. HuberLoss) instead of the task's
     norm: str = "batch"
     dropout: float = 0.3
     drop_path: float = 0.0  # stochastic depth of residual_mlp's blocks
@@ -84,7 +96,9 @@ class TrainConfig:
     batch_size: int | Literal["auto"] = 128  # or "auto": the largest power of two that fits (trainkit.memory)
     memory_budget: float | None = None  # GiB a CPU training step may use for --batch-size auto; None: half of free RAM
     eval_batch_size: int = 1024
-    epochs: int | None = None  # None: the model's recipe (MODEL_RECIPES)
+    epochs: int | None = None  # None: the model's recipe (MODEL_RECIPES), or LOOP_DEFAULTS for other models
+    max_steps: int | None = None  # optimizer steps to train; when given it is the budget, whatever epochs say
+    val_every_steps: int = 0  # also validate (and maybe save best.pt) every N optimizer steps; 0 = epoch ends only
     schedule: str = "warmup_cosine"
     warmup: float | None = None  # epochs of linear warmup before any schedule; None: 1 for warmup_cosine, else 0
     min_lr: float = 0.0  # floor of cosine / linear / cosine_restarts / onecycle / plateau
@@ -110,7 +124,7 @@ class TrainConfig:
     patience: int = 5  # 0 turns early stopping off
     min_delta: float = 0.0
     monitor: str = "val_loss"
-    monitor_mode: str = "min"
+    monitor_mode: str = "auto"  # auto: from the metric's name (loss down, accuracy up)
     keep_checkpoints: int = 3  # newest checkpoint files kept (epoch ends and mid-epoch saves)
     keep_every_epochs: int = 0  # also keep every K-th epoch's checkpoint; 0 = off
     checkpoint_every_steps: int = 0  # mid-epoch checkpoints every N optimizer steps; 0 = off
@@ -127,42 +141,79 @@ class TrainConfig:
     out: str | os.PathLike | None = None
     hidden: list[int] = field(default_factory=lambda: [256, 128])
 
-    def resolved(self) -> TrainConfig:
-        """A copy with model-dependent defaults filled in and values validated."""
+    def resolved(self, *, loop_only: bool = False) -> TrainConfig:
+        """A copy with model-dependent defaults filled in and values validated.
+
+        ``loop_only`` (the Trainer): the model is the user's, so the recipe fields are neither
+        checked nor used for defaults; unset epochs etc. get ``LOOP_DEFAULTS``.
+        """
         check_field_types(vars(self))
-        recipe = MODEL_RECIPES.get(self.model, MODEL_RECIPES["mlp"])
-        epochs = recipe["epochs"] if self.epochs is None else self.epochs
+        recipe = LOOP_DEFAULTS if loop_only else MODEL_RECIPES.get(self.model, LOOP_DEFAULTS)
+        # max_steps alone is the budget: epochs stays None and the Trainer derives it from the data
+        epochs = recipe["epochs"] if self.epochs is None and self.max_steps is None else self.epochs
         filled = dataclasses.replace(
             self,
             epochs=epochs,
             augment_shift=recipe["augment_shift"] if self.augment_shift is None else self.augment_shift,
             channels_last=recipe["channels_last"] if self.channels_last is None else self.channels_last,
-            warmup=default_warmup(self.schedule, epochs) if self.warmup is None else self.warmup,
+            warmup=default_warmup(self.schedule, epochs) if self.warmup is None and epochs else self.warmup,
             hidden=list(self.hidden),
             milestones=list(self.milestones),
+            metrics=None if self.metrics is None else list(self.metrics),
+            model_args=dict(self.model_args),
+            dataset_args=dict(self.dataset_args),
             data_dir=None if self.data_dir is None else os.fspath(self.data_dir),
             out=None if self.out is None else os.fspath(self.out),
         )
-        filled.validate()
+        filled.validate(loop_only=loop_only)
+        filled.monitor_mode = filled.resolved_monitor_mode()
         return filled
 
-    def validate(self) -> None:
+    def resolved_monitor_mode(self) -> str:
+        if self.monitor_mode != "auto":
+            return self.monitor_mode
+        try:
+            return monitor_direction(self.monitor)
+        except ConfigError:
+            raise ConfigError(f"cannot tell whether --monitor {self.monitor} should go up or down: "
+                              f"pass --monitor-mode min or max") from None  # fmt: skip
+
+    def loop_settings(self) -> dict[str, Any]:
+        """The settings the Trainer uses (what its checkpoints record): no dataset or model options."""
+        values = self.to_dict()
+        return {name: values[name] for name in LOOP_FIELDS}
+
+    def validate(self, *, loop_only: bool = False) -> None:
         """Check every value before any work starts (data loading, model building, writing files)."""
         check_field_types(vars(self))
-        self._validate_choices()
+        self._validate_choices(loop_only)
         self._validate_numbers()
         self._validate_schedule()
-        self._validate_monitor()
+        self._validate_monitor(loop_only)
 
-    def _validate_choices(self) -> None:
+    def _validate_choices(self, loop_only: bool) -> None:
+        if not loop_only:
+            self._validate_recipe_choices()
         for name, choices in (
-            ("dataset", DATASET_NAMES), ("model", MODEL_NAMES), ("norm", NORMS), ("activation", ACTIVATIONS),
-            ("init", INIT_SCHEMES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
+            ("task", TASK_NAMES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS),
             ("monitor_mode", MODES), ("on_nonfinite", NONFINITE_POLICIES), ("on_save_error", SAVE_ERROR_POLICIES),
             ("strategy", STRATEGIES), ("anneal", ANNEALS),
         ):  # fmt: skip
             _require_choice(name, getattr(self, name), choices)
         require_device(self.device)
+
+    def _validate_recipe_choices(self) -> None:
+        """The MNIST recipe's names, imported here only: the Trainer (loop_only) never needs the recipe."""
+        from trainkit.data import DATASET_NAMES
+        from trainkit.init import INIT_SCHEMES
+        from trainkit.layers import ACTIVATIONS, NORMS
+        from trainkit.models import MODEL_NAMES
+
+        for name, names in (("dataset", DATASET_NAMES), ("model", MODEL_NAMES)):
+            if not is_factory_path(getattr(self, name)):
+                _require_choice(name, getattr(self, name), names, "or MODULE:FUNCTION for your own")
+        for name, choices in (("norm", NORMS), ("activation", ACTIVATIONS), ("init", INIT_SCHEMES)):
+            _require_choice(name, getattr(self, name), choices)
 
     def _validate_numbers(self) -> None:
         if self.lr != "auto":
@@ -179,10 +230,10 @@ class TrainConfig:
         if self.batch_size != "auto":
             _require_int_at_least("batch_size", self.batch_size, 1)
         for name in ("eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult", "epochs", "threads",
-                     "train_size"):  # fmt: skip
+                     "train_size", "max_steps"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 1)
         for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs", "checkpoint_every_steps",
-                     "max_rollbacks", "max_skipped_steps", "plateau_patience"):  # fmt: skip
+                     "max_rollbacks", "max_skipped_steps", "plateau_patience", "num_workers", "val_every_steps"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 0)
         if self.seed > MAX_SEED:
             raise ConfigError(f"--seed must be at most 2**32 - 1 = {MAX_SEED} (NumPy's seed range), got {self.seed}")
@@ -217,9 +268,12 @@ class TrainConfig:
                     f"({warmup:g} epochs) and before the last epoch ({self.epochs})"
                 )
 
-    def _validate_monitor(self) -> None:
-        if self.monitor not in MONITORABLE:
-            raise ConfigError(f"--monitor {self.monitor!r} is not a metric of the run; choose one of {', '.join(MONITORABLE)}")
+    def _validate_monitor(self, loop_only: bool) -> None:
+        """--monitor must be a metric the task logs (the Trainer checks against its own task instead)."""
+        available = build_task(self.task, metrics=self.metrics).monitorable(LOOP_MONITORABLE)
+        if not loop_only and self.monitor not in available:
+            raise ConfigError(f"--monitor {self.monitor!r} is not a metric of the run; choose one of {', '.join(available)}")
+        self.resolved_monitor_mode()
         if self.val_size == 0 and self.patience > 0 and self.monitor.startswith("val_"):
             raise ConfigError(
                 f"--val-size 0 leaves no validation data, but early stopping monitors {self.monitor}; "
@@ -228,6 +282,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# What the Trainer reads; the other fields describe the recipe (data, model) around it.
+LOOP_FIELDS = (
+    "optimizer", "lr", "weight_decay", "momentum", "batch_size", "eval_batch_size", "num_workers", "epochs",
+    "max_steps", "val_every_steps", "schedule", "warmup", "min_lr", "step_epochs", "gamma", "milestones",
+    "pct_start", "anneal", "restart_epochs", "restart_mult", "plateau_patience", "plateau_factor", "clip_norm",
+    "clip_value", "accumulate", "precision", "channels_last", "compile", "monitor", "monitor_mode", "min_delta",
+    "keep_checkpoints", "keep_every_epochs", "checkpoint_every_steps", "on_save_error", "on_nonfinite",
+    "rollback_lr_factor", "max_rollbacks", "max_skipped_steps", "seed", "device", "strategy", "threads",
+)  # fmt: skip
 
 
 def default_warmup(schedule: str, epochs: int) -> float:
@@ -319,6 +384,10 @@ def _matches(value: Any, expected: Any) -> bool:
     if origin is list:
         (item,) = get_args(expected)
         return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+    if expected is Any:
+        return True
     if expected is type(None):
         return value is None
     if expected is bool:
@@ -339,6 +408,8 @@ def _describe(expected: Any) -> str:
         return " or ".join(repr(v) for v in get_args(expected))
     if origin is list:
         return f"a list of {_describe(get_args(expected)[0]).removeprefix('an ').removeprefix('a ')}s"
+    if origin is dict:
+        return "a table of settings"
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", os.PathLike: "a path"}
     return names.get(expected, expected.__name__)
 
@@ -353,9 +424,15 @@ def _kind(value: Any) -> str:
 
 
 # --------------------------------------------------------------- value checks
-def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def _require_choice(name: str, value: str, choices: tuple[str, ...], more: str = "") -> None:
     if value not in choices:
-        raise ConfigError(f"{flag_name(name)} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{flag_name(name)} must be one of {', '.join(choices)}{' ' + more if more else ''}; got {value!r}")
+
+
+def is_factory_path(value: str) -> bool:
+    """MODULE:FUNCTION (a user's model or dataset factory), as opposed to a trainkit name."""
+    module, colon, function = value.partition(":")
+    return bool(colon and module and function)
 
 
 def require_device(name: str) -> None:

@@ -146,6 +146,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def any_ranks(*flags: bool) -> tuple[bool, ...]:
+    """Several ``any_rank`` flags agreed in one collective (the loop asks two questions per step)."""
+    if not is_active():
+        return flags
+    value = torch.tensor([int(flag) for flag in flags], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_control_group)
+    return tuple(bool(v) for v in value.tolist())
+
+
 def every_rank(flag: bool) -> bool:
     """True on every rank only when it is True on all of them."""
     return not any_rank(not flag)

@@ -10,67 +10,83 @@ from typing import Any
 import torch
 
 from trainkit import distributed
+from trainkit.metrics import MetricSet
 
-HISTORY_FIELDS = (
-    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
-    "grad_norm", "clip_fraction", "skipped_steps", "epoch_seconds", "samples_per_second",
-)  # fmt: skip
-SUMS = ("loss_sum", "correct", "grad_norm_sum", "clipped")
+# The columns every run has, in this order; the task's metrics follow train_loss / val_loss, and
+# any value a callback adds to the epoch's metrics comes after them (history.csv keeps all).
+LOOP_COLUMNS = ("lr", "grad_norm", "clip_fraction", "skipped_steps", "epoch_seconds", "samples_per_second")
+SUMS = ("loss_sum", "grad_norm_sum", "clipped")
 
 
 class EpochMeter:
     """Running sums kept as device tensors and read back once per epoch (no per-step sync).
 
-    Its state goes into mid-epoch checkpoints, so a resumed epoch reports the same
-    metrics as an uninterrupted one.
+    The loss is summed weighted by each step's sample count (rows, elements or tokens: the
+    task's ``samples``), the task's metrics by their own rules (trainkit.metrics). Its state
+    goes into mid-epoch checkpoints, so a resumed epoch reports the same metrics as an
+    uninterrupted one.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, metrics: MetricSet) -> None:
         for name in SUMS:
             setattr(self, name, torch.zeros((), device=device, dtype=torch.float64))
-        self.samples = 0  # on this rank
-        self.total_samples = 0.0  # over all ranks, set by results()
+        self.device = device
+        self.metrics = metrics
+        self.weight: float | torch.Tensor = 0  # samples the loss averages over, on this rank
+        self.rows = 0  # batch rows on this rank (throughput is reported in rows per second)
+        self.total_rows = 0.0  # over all ranks, set by results()
         self.steps = 0
         self.skipped = 0
 
     def add_step(
-        self, mean_loss: torch.Tensor, loss_weight: float, correct: torch.Tensor, samples: int,
+        self, mean_loss: torch.Tensor, loss_weight: float | torch.Tensor, weight: float | torch.Tensor, rows: int,
         grad_norm: torch.Tensor, clipped: torch.Tensor,
-    ) -> None:
+    ) -> None:  # fmt: skip
         """One in-place add per sum (each tiny op costs microseconds per step on a CPU)."""
-        self.loss_sum.add_(mean_loss, alpha=loss_weight)
-        self.correct += correct
-        self.samples += samples
+        if isinstance(loss_weight, torch.Tensor):
+            self.loss_sum += mean_loss * loss_weight
+        else:
+            self.loss_sum.add_(mean_loss, alpha=loss_weight)
+        self.weight = self.weight + weight
+        self.rows += rows
         self.grad_norm_sum += grad_norm
         self.clipped += clipped
         self.steps += 1
 
     def results(self) -> dict[str, float]:
-        """The epoch's metrics; under DDP the loss/accuracy sums and sample counts are all-reduced
-        here, once per epoch, so every rank reports the whole epoch. (The gradient norm, clip and
-        skip counts are the same on every rank: gradients are averaged before clipping.)"""
-        sums = torch.stack([self.loss_sum, self.correct, self.correct.new_tensor(float(self.samples))])
-        loss_sum, correct, self.total_samples = distributed.all_reduce_sum(sums).tolist()
+        """The epoch's metrics; under DDP the loss and metric sums and the sample counts are
+        all-reduced here, once per epoch, so every rank reports the whole epoch. (The gradient
+        norm, clip and skip counts are the same on every rank: gradients are averaged before clipping.)"""
+        weight = self.weight if isinstance(self.weight, torch.Tensor) else self.loss_sum.new_tensor(float(self.weight))
+        sums = torch.stack([self.loss_sum, weight.to(self.loss_sum), self.loss_sum.new_tensor(float(self.rows))])
+        loss_sum, weight_total, self.total_rows = distributed.all_reduce_sum(sums).tolist()
+        metrics = self.metrics.results(distributed.all_reduce_sum, device=self.device)
         return {
-            "train_loss": _mean(loss_sum, self.total_samples),
-            "train_accuracy": _mean(correct, self.total_samples),
+            "train_loss": _mean(loss_sum, weight_total),
+            **{f"train_{name}": value for name, value in metrics.items()},
             "grad_norm": _mean(self.grad_norm_sum.item(), self.steps),
             "clip_fraction": _mean(self.clipped.item(), self.steps),
             "skipped_steps": self.skipped,
         }
 
     def state_dict(self) -> dict[str, Any]:
+        weight = self.weight.detach().cpu() if isinstance(self.weight, torch.Tensor) else self.weight
         return {
             **{name: getattr(self, name).clone() for name in SUMS},
-            "samples": self.samples,
+            "weight": weight,
+            "rows": self.rows,
             "steps": self.steps,
             "skipped": self.skipped,
+            "metrics": self.metrics.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in SUMS:
             getattr(self, name).copy_(state[name])
-        self.samples, self.steps, self.skipped = state["samples"], state["steps"], state["skipped"]
+        weight = state["weight"]
+        self.weight = weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
+        self.rows, self.steps, self.skipped = state["rows"], state["steps"], state["skipped"]
+        self.metrics.load_state_dict(state["metrics"])
 
 
 def _mean(total: float, count: float) -> float:
@@ -79,32 +95,65 @@ def _mean(total: float, count: float) -> float:
 
 
 class HistoryFile:
-    """history.csv: rewritten from the checkpoint's rows on (re)start, then one row per epoch."""
+    """history.csv: rewritten from the checkpoint's rows on (re)start, then one row per epoch.
+
+    The header is every column any row has, in first-seen order: a metric that appears later
+    (a callback's) rewrites the file with the new column instead of being dropped.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self.columns: list[str] = []
 
     def rewrite(self, rows: list[dict[str, float]]) -> None:
         if self.path is None:
             return
+        self.columns = columns_of(rows)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(rows)
 
-    def append(self, row: dict[str, float]) -> None:
+    def append(self, row: dict[str, float], rows: list[dict[str, float]]) -> None:
+        """Add ``row`` (the last of ``rows``); a new column rewrites the file from ``rows``."""
         if self.path is None:
             return
+        if not self.columns or any(key not in self.columns for key in row):
+            self.rewrite(rows)
+            return
         with self.path.open("a", newline="") as handle:
-            csv.DictWriter(handle, fieldnames=HISTORY_FIELDS, extrasaction="ignore").writerow(row)
+            csv.DictWriter(handle, fieldnames=self.columns).writerow(row)
 
 
-def format_epoch(m: dict[str, float], epochs: int) -> str:
-    val = f" val_loss {m['val_loss']:.4f} val_acc {m['val_accuracy']:.4f}" if "val_loss" in m else ""
+def columns_of(rows: list[dict[str, float]]) -> list[str]:
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+# Shorter names for the epoch log line (history.csv keeps the full names).
+SHORT_NAMES = {"accuracy": "acc"}
+
+
+def format_epoch(m: dict[str, float], epochs: int | None) -> str:
+    """One log line per epoch (or validation point): losses and metrics, lr, gradient norm, speed."""
+    step = f" step {m['step']}" if "step" in m else ""
+    of = f"/{epochs}" if epochs else ""
+    measured = "  ".join(
+        " ".join(f"{_short(key)} {_number(value)}" for key, value in m.items() if key.startswith(prefix))
+        for prefix in ("train_", "val_") if any(key.startswith(prefix) for key in m)
+    )  # fmt: skip
     skipped = f" skipped {m['skipped_steps']}" if m.get("skipped_steps") else ""
     return (
-        f"epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f} train_acc {m['train_accuracy']:.4f}{val}"
+        f"epoch {m['epoch']}{of}{step}  {measured}"
         f"  lr {m['lr']:.2e}  grad_norm {m['grad_norm']:.3f} clipped {100 * m['clip_fraction']:.0f}%{skipped}"
         f"  {m['epoch_seconds']:.1f}s ({m['samples_per_second']:.0f} samples/s)"
     )
+
+
+def _number(value: object) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)  # a callback may log anything
+
+
+def _short(key: str) -> str:
+    prefix, _, name = key.partition("_")
+    return f"{prefix}_{SHORT_NAMES.get(name, name)}"

@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.plots import plt
+from trainkit.runtime import to_device
+from trainkit.tasks import Task
 
 
 __all__ = [
@@ -141,7 +143,7 @@ def lr_find(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterable[Batch],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | Task,
     *,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
@@ -164,8 +166,10 @@ def lr_find(
     by its share of the group, as the Trainer does). The sweep stops early when the smoothed
     loss exceeds ``diverge_factor`` times its best value or the loss is NaN/inf.
 
-    ``batches``: an iterable of (inputs, targets), re-iterated when it runs out, or an object
-    with ``.epoch(n)`` (``DeviceBatches``), whose epochs 0, 1, ... are used in turn.
+    ``batches``: an iterable of batches, re-iterated when it runs out, or an object with
+    ``.epoch(n)`` (``DeviceBatches``, trainkit.batches), whose epochs 0, 1, ... are used in turn.
+    ``loss_fn``: a loss function of (outputs, targets), or a ``trainkit.tasks.Task`` (any batch
+    structure, step and sample count, exactly as the Trainer trains).
     ``device``: where batches are moved; default the model's device (the model is not moved).
     Gradients are ``None`` afterwards; everything else is restored (see the module docstring).
     """
@@ -289,7 +293,7 @@ def _sweep(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterator[Batch],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | Task,
     lrs: list[float],
     smooth: float,
     diverge_factor: float,
@@ -338,7 +342,7 @@ def _accumulate_gradients(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     group: list[Batch],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | Task,
     scaler: torch.amp.GradScaler,
     amp_dtype: torch.dtype | None,
     device: torch.device,
@@ -349,17 +353,19 @@ def _accumulate_gradients(
     is the mean loss of one big batch even when micro-batches differ in size.
     """
     optimizer.zero_grad(set_to_none=True)
-    group_size = sum(len(targets) for _, targets in group)
+    task = loss_fn if isinstance(loss_fn, Task) else Task(loss_fn)
+    group = [to_device(batch, device) for batch in group]
+    counts = [task.samples(batch) for batch in group]
+    group_size = sum(counts)
     group_loss = torch.zeros((), device=device, dtype=torch.float64)
-    for inputs, targets in group:
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    for batch, count in zip(group, counts):
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with autocast:
-            loss = loss_fn(model(inputs), targets)
-        share = loss * (len(targets) / group_size)
+            loss = task.step(model, batch).loss
+        share = loss * (count / group_size)
         scaler.scale(share).backward()
         group_loss += share.detach().double()
-    return group_loss.item()
+    return group_loss.item()  # one sync per sweep step: the finder needs the value now
 
 
 # ----------------------------------------------------------------------------- smoothing

@@ -7,6 +7,8 @@ exist to learn. So parameters are split into two groups and only matrices/kernel
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -45,3 +47,22 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=True)
     raise ConfigError(f"unknown optimizer {name!r}; choose adamw or sgd")
+
+
+def check_user_optimizer(optimizer: Any, scheduler: Any, model: nn.Module) -> None:
+    """A user's optimizer must train this model's parameters; a scheduler must drive that optimizer."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable and not any(id(p) in held for p in trainable):
+        raise ConfigError("the optimizer holds none of the model's parameters: build it from model.parameters() "
+                          "after the model is created (and before it is wrapped)")  # fmt: skip
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        raise ConfigError("a ReduceLROnPlateau scheduler needs the monitored metric: use TrainConfig(schedule='plateau')")
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise ConfigError(f"scheduler must be a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__name__}")
+    if scheduler.optimizer is not optimizer:
+        raise ConfigError("the scheduler drives another optimizer than the Trainer's: build it on the same optimizer")

@@ -13,30 +13,34 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-CURVES = {
-    "loss.png": ("loss", ("train_loss", "val_loss"), False),
-    "accuracy.png": ("accuracy", ("train_accuracy", "val_accuracy"), False),
-    "lr.png": ("learning rate (end of epoch)", ("lr",), True),
-}
+def curves_of(history: list[dict[str, float]]) -> dict[str, tuple[str, tuple[str, ...], bool]]:
+    """One plot per measured quantity: loss, each of the task's metrics (train and val on one
+    plot), the lr (log scale). File name -> (y label, history columns, log scale)."""
+    names = dict.fromkeys(key.split("_", 1)[1] for row in history for key in row if key.startswith(("train_", "val_")))
+    curves = {f"{name}.png": (name.replace("_", " "), (f"train_{name}", f"val_{name}"), False) for name in names}
+    curves["lr.png"] = ("learning rate (end of epoch)", ("lr",), True)
+    return curves
 
 
 def plot_history(history: list[dict[str, float]], out_dir: str | Path) -> list[Path]:
-    """Write loss, accuracy and lr curves over epochs; returns the files written."""
+    """Write loss, metric and lr curves over the history's rows (epochs, or validation steps); returns the files."""
     out_dir = Path(out_dir)
-    epochs = [row["epoch"] for row in history]
+    by_step = any("step" in row for row in history)
+    positions = [row["step"] if by_step else row["epoch"] for row in history]
     written = []
-    for filename, (ylabel, keys, log_scale) in CURVES.items():
+    for filename, (ylabel, keys, log_scale) in curves_of(history).items():
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
             values = [row.get(key) for row in history]
             if all(v is not None for v in values) and values:
-                ax.plot(epochs, values, marker="o", markersize=3, label=key)
-        ax.set_xlabel("epoch")
+                ax.plot(positions, values, marker="o", markersize=3, label=key)
+        ax.set_xlabel("optimizer step" if by_step else "epoch")
         ax.set_ylabel(ylabel)
         if log_scale and all(row.get(k, 0) > 0 for row in history for k in keys):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         fig.tight_layout()
         path = out_dir / filename
         fig.savefig(path, dpi=100)

@@ -27,7 +27,7 @@ from trainkit.callbacks import Callback, TrainState
 from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError
 from trainkit.rundir import holding_run_folder
-from trainkit.run import seeded_data_and_model, training_batches
+from trainkit.components import build_run_task, seeded_data_and_model, training_batches
 from trainkit.trainer import Trainer, resolve_device
 
 log = logging.getLogger("trainkit")
@@ -119,12 +119,12 @@ def _profile(config: TrainConfig, device: torch.device, out_dir: Path, *, steps:
     batches = training_batches(config, data)
     steps_per_epoch = math.ceil(len(batches) / config.accumulate)
     epochs = math.ceil((warmup_steps + steps) / steps_per_epoch) + 1  # fit must not end first
-    config = dataclasses.replace(config, epochs=max(epochs, config.epochs), patience=0)
+    config = dataclasses.replace(config, epochs=max(epochs, config.epochs or 0), max_steps=None, patience=0)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     profiler = profile(activities=activities)
     recorder = StepProfiler(profiler, warmup_steps=warmup_steps, steps=steps, device=device)
-    trainer = Trainer(model, config, callbacks=[recorder])
+    trainer = Trainer(model, config, task=build_run_task(config), callbacks=[recorder])
     try:
         trainer.fit(batches)
     except _ProfiledEnough:

@@ -13,18 +13,15 @@ writes files (docs/scaling.md).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
@@ -35,22 +32,21 @@ from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import (
     CheckpointDir, all_finite, load_checkpoint, model_sha256, state_dict_mismatch, verify_checkpoint,
 )  # fmt: skip
-from trainkit.config import TrainConfig, config_from_dict, flag_name
-from trainkit.data import DatasetSplits, DeviceBatches, TensorSplit, load_dataset
+from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name
+from trainkit.components import (
+    RunData, build_model_from_config, build_run_task, check_samples, data_fingerprint, evaluation_data, load_training_data, rows_of,
+    seeded_data_and_model, training_batches,
+)  # fmt: skip
+from trainkit.batches import EpochBatches
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.faults import crash_point
-from trainkit.init import init_weights
 from trainkit.lr_finder import lr_find
-from trainkit.memory import (
-    PROBE_BATCHES, MemoryEstimate, activation_bytes_per_sample, check_model_fits, estimate_training_memory,
-    find_batch_size,
-)  # fmt: skip
 from trainkit.optim import build_optimizer
-from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.plots import plot_history
 from trainkit.rundir import holding_run_folder, read_json, replacing_atomically, write_atomically
 from trainkit.schedules import build_scheduler
 from trainkit.signals import GracefulStop, graceful_stop
+from trainkit.tasks import Task
 from trainkit.trainer import Trainer, autocast_dtype, resolve_device, schedule_spec
 
 log = logging.getLogger("trainkit")
@@ -62,54 +58,9 @@ FINGERPRINT_PARTS = {"dataset": "dataset", "train_images": "training images", "t
                      "val_images": "validation images", "val_labels": "validation labels"}  # fmt: skip
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def default_out_dir(config: TrainConfig) -> Path:
-    return Path("runs") / f"{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def build_model_from_config(config: TrainConfig, data: DatasetSplits) -> nn.Module:
-    """The configured architecture, initialised with the configured scheme (seeded by the caller)."""
-    model = init_weights(build_architecture(config, data), config.init)
-    return enable_grad_checkpointing(model) if config.grad_checkpointing else model
-
-
-def build_architecture(config: TrainConfig, data: DatasetSplits) -> nn.Module:
-    """The configured layers, with PyTorch's default initialisation."""
-    options: dict[str, Any] = {"norm": config.norm, "dropout": config.dropout, "activation": config.activation}
-    if config.model == "mlp":
-        options["hidden"] = tuple(config.hidden)
-        if config.norm_after_dropout:
-            options["norm_after_dropout"] = True
-    if config.model == "residual_mlp":
-        options["drop_path"] = config.drop_path
-    return build_model(config.model, data.input_shape, data.num_classes, **options)
-
-
-def model_memory(config: TrainConfig, data: DatasetSplits) -> MemoryEstimate | None:
-    """The model's weights and optimizer state, estimated on the meta device before it is built."""
-    try:
-        return estimate_training_memory(lambda: build_architecture(config, data), config.optimizer)
-    except Exception as exc:  # a builder the meta device cannot run: the real build reports real errors
-        log.debug("no memory estimate for %s: %s", config.model, exc)
-        return None
-
-
-def check_memory(estimate: MemoryEstimate | None, device: torch.device, batch: int) -> None:
-    if estimate is not None:
-        check_model_fits(estimate, device, batch_size=batch, hint="use smaller --hidden widths or a smaller --batch-size")
-
-
-def load_training_data(config: TrainConfig, device: torch.device) -> DatasetSplits:
-    """The configured dataset and split; ``train_size`` keeps only the first N training images."""
-    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
-    if config.train_size is not None and config.train_size < len(data.train):
-        data.train = TensorSplit(data.train.x[: config.train_size], data.train.y[: config.train_size])
-    return data
+    name = f"{config.dataset}-{config.model}".replace(":", ".").replace("/", ".")  # MODULE:FUNCTION factories
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def build_callbacks(config: TrainConfig) -> list[Callback]:
@@ -120,26 +71,6 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
             monitor=config.monitor, mode=config.monitor_mode, patience=config.patience, min_delta=config.min_delta
         )
     ]
-
-
-def data_fingerprint(data: DatasetSplits) -> dict[str, str]:
-    """Identifies the data a run trains and validates on: a digest of every tensor, so a resume
-    on other data (even with the same shapes, labels and pixel statistics) is refused."""
-    return {
-        "dataset": data.name,
-        "train_images": tensor_digest(data.train.x),
-        "train_labels": tensor_digest(data.train.y),
-        "val_images": tensor_digest(data.val.x),
-        "val_labels": tensor_digest(data.val.y),
-    }
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's shape, dtype and bytes (hashed in place: no copy on CPU)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    digest = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-    digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()[:16]
 
 
 def fingerprint_differences(saved: Any, current: dict[str, str]) -> list[str]:
@@ -235,7 +166,7 @@ def checkpoint_to_resume(
         )
     if force:
         return payload
-    differences = config_differences(payload["config"], config.to_dict())
+    differences = config_differences(saved_settings(payload), config.to_dict())
     if differences:
         raise CheckpointError(
             f"{path} was written with different settings ({'; '.join(differences)}); "
@@ -299,18 +230,15 @@ def check_ddp_settings(config: TrainConfig, world_size: int) -> None:
         )
 
 
-def training_batches(config: TrainConfig, data: DatasetSplits, *, rank: int = 0, world_size: int = 1) -> DeviceBatches:
-    """The shuffled training batches; with world_size > 1, this rank's slice of each global batch."""
-    return DeviceBatches(data.train.x, data.train.y, config.batch_size, seed=config.seed,
-                         augment_shift=config.augment_shift, rank=rank, world_size=world_size)  # fmt: skip
-
-
-def check_schedule(config: TrainConfig, batches: DeviceBatches) -> None:
+def check_schedule(config: TrainConfig, batches: EpochBatches) -> None:
     """Build the schedule once on a stand-in optimizer: every schedule error is raised before any file is written."""
     steps_per_epoch = math.ceil(len(batches) / config.accumulate)
+    if steps_per_epoch == 0:
+        raise ConfigError("the training data yields no batch: is it empty, or smaller than one batch?")
     lr = 1.0 if config.lr == "auto" else config.lr  # auto: the finder's lr is not known yet
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=max(lr, config.min_lr))
-    build_scheduler(schedule_spec(config, steps_per_epoch), optimizer, total_steps=steps_per_epoch * config.epochs)
+    total = steps_per_epoch * config.epochs if config.max_steps is None else config.max_steps
+    build_scheduler(schedule_spec(config, steps_per_epoch, total), optimizer, total_steps=total)
 
 
 def _train_run(
@@ -335,6 +263,8 @@ def _train_run(
             torch.manual_seed(distributed.rank_seed(config.seed, rank))  # dropout masks differ per rank
         train_batches = training_batches(config, data, rank=rank, world_size=world)
         check_schedule(config, train_batches)
+        task = build_run_task(config)
+        check_samples(task, data)
         saved_config = json.dumps(config.to_dict(), indent=2) + "\n"  # as given: lr "auto" stays "auto"
         if main and not resume:  # every check that needs no training passed: only now does the folder hold a run
             write_atomically(out_dir / "config.json", saved_config)
@@ -342,7 +272,8 @@ def _train_run(
         finder = None
         if config.lr == "auto":
             # every rank runs the (unsharded, trace-free) range test; rank 0's suggestion is used by all
-            found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, reuse=resume, write=main)
+            found = resolve_auto_lr(config, model, training_batches(config, data), out_dir, reuse=resume, write=main,
+                                    task=task)  # fmt: skip
             finder = distributed.broadcast_object(found)
             config = dataclasses.replace(config, lr=finder["suggested_lr"])
         fingerprint = data_fingerprint(data)
@@ -351,31 +282,42 @@ def _train_run(
             resume_state = checkpoint_to_resume(out_dir, config, fingerprint, model, device, force=force_resume)
             if main:  # accepted: config.json now says what trains from here on (--force-resume may change it)
                 write_atomically(out_dir / "config.json", saved_config)
-        shard = {"rank": rank, "world_size": world, "lockstep": False}  # each rank evaluates its part; sums all-reduced
-        val_batches = DeviceBatches(data.val.x, data.val.y, config.eval_batch_size, shuffle=False, **shard)
+        shard = {"rank": rank, "world_size": world}  # each rank evaluates its part; sums all-reduced
         callbacks = [*build_callbacks(config), *extra_callbacks]
         trainer = Trainer(
-            model, config, callbacks=callbacks, out_dir=out_dir, run_info={"data_fingerprint": fingerprint}
+            model, config, task=task, callbacks=callbacks, out_dir=out_dir, run_info={"data_fingerprint": fingerprint, "recipe": recipe_settings(config)}
         )
-        log.info(
-            "training %s on %s (%d train / %d val / %d test) on %s -> %s",
-            config.model, config.dataset, len(data.train), len(data.val), len(data.test), device, out_dir,
-        )  # fmt: skip
+        log.info("training %s on %s (%s) on %s -> %s", config.model, config.dataset, split_sizes(data), device, out_dir)
         with guard.deferred_to(trainer):
-            history = trainer.fit(train_batches, val_batches, resume_from=resume_state)
+            history = trainer.fit(train_batches, evaluation_data(config, data, "val", **shard), resume_from=resume_state)
 
-        test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False, **shard))
+        test_data = evaluation_data(config, data, "test", **shard)
+        test = trainer.evaluate(test_data) if test_data is not None else {}
         summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
         if finder is not None:
             summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
         if main:
             write_outputs(trainer, history, summary, out_dir)
     log.info(
-        "test accuracy %.4f (loss %.4f), best epoch %s, %d epochs in %.1fs; wrote %s%s",
-        summary["test_accuracy"], summary["test_loss"], summary["best_epoch"],
-        summary["epochs_run"], summary["wall_seconds"], out_dir, save_failures_note(summary),
+        "%s, best epoch %s, %d epochs in %.1fs; wrote %s%s",
+        describe_test(summary), summary["best_epoch"], summary["epochs_run"], summary["wall_seconds"], out_dir,
+        save_failures_note(summary),
     )  # fmt: skip
     return summary
+
+
+def split_sizes(data: RunData) -> str:
+    sizes = [(name, getattr(data, name)) for name in ("train", "val", "test")]
+    return " / ".join(f"{rows_of(split) or '?'} {name}" for name, split in sizes if split is not None)
+
+
+def describe_test(summary: dict) -> str:
+    """'test accuracy 0.98 (loss 0.07)'-style: every test metric, or that there was no test set."""
+    tests = {key.removeprefix("test_"): value for key, value in summary.items() if key.startswith("test_")}
+    if not tests:
+        return "no test set"
+    others = ", ".join(f"{name} {value:.4f}" for name, value in tests.items() if name != "loss")
+    return f"test {others} (loss {tests['loss']:.4f})" if others else f"test loss {tests['loss']:.4f}"
 
 
 def save_failures_note(summary: dict) -> str:
@@ -457,8 +399,8 @@ def best_weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], str] | None
 
 
 def resolve_auto_lr(
-    config: TrainConfig, model: nn.Module, batches: DeviceBatches, out_dir: Path, *, reuse: bool = False,
-    start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100, write: bool = True,
+    config: TrainConfig, model: nn.Module, batches: EpochBatches, out_dir: Path, *, reuse: bool = False,
+    start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100, write: bool = True, task: Task | None = None,
 ) -> dict[str, Any]:
     """Run the LR range test on the training data (leaving no trace) and save lr_find.json/.png.
 
@@ -472,7 +414,7 @@ def resolve_auto_lr(
         config.optimizer, model, lr=1e-3, weight_decay=config.weight_decay, momentum=config.momentum  # lr_find sets each lr
     )
     result = lr_find(
-        model, optimizer, batches, nn.CrossEntropyLoss(), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
+        model, optimizer, batches, task or build_run_task(config), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
         accumulate=config.accumulate, precision=config.precision,
     )  # fmt: skip
     found = result.to_dict()
@@ -496,35 +438,6 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
     return {"out": str(out_dir), **{key: found[key] for key in ("suggested_lr", "suggestions", "stopped_early")}}
 
 
-def seeded_data_and_model(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, DatasetSplits, nn.Module]:
-    """Threads, seeds, the data and the initialised model on ``device``, with --batch-size auto
-    resolved: the start shared by train, profile and lr-find, so they see the same run."""
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
-    data = load_training_data(config, device)
-    # refuse a model that cannot fit before allocating it, then its activations before training
-    batch = min(PROBE_BATCHES[0] if config.batch_size == "auto" else config.batch_size, len(data.train))
-    estimate = model_memory(config, data)
-    check_memory(estimate, device, batch)
-    model = build_model_from_config(config, data).to(device)
-    if estimate is not None and not config.grad_checkpointing:  # checkpointing recomputes activations
-        per_sample = activation_bytes_per_sample(model, data.train.x)
-        check_memory(dataclasses.replace(estimate, activation_bytes=per_sample * batch), device, batch)
-    if config.batch_size == "auto":
-        config = resolve_auto_batch_size(config, model, data)
-    return config, data, model
-
-
-def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: DatasetSplits) -> TrainConfig:
-    """--batch-size auto: the largest power of two that fits (trainkit.memory); logs the choice and why."""
-    device = data.train.x.device
-    choice = find_batch_size(model, config, data.train.x, data.train.y,
-                             amp_dtype=autocast_dtype(config.precision, device))  # fmt: skip
-    log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
-    return dataclasses.replace(config, batch_size=choice.batch_size)
-
-
 def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     """Weights in safetensors: loadable anywhere without unpickling anything."""
     state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
@@ -539,8 +452,7 @@ def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, 
     stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
     restored = stopper is not None and stopper.best_weights is not None
     return {
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
+        **{f"test_{name}": value for name, value in sorted(test.items(), key=lambda item: item[0] == "loss")},
         "best_epoch": stopper.best_epoch if restored else trainer.best_epoch,
         "best_val_metric": stopper.best if restored else trainer.best_metric,
         "monitor": trainer.config.monitor,
@@ -565,22 +477,37 @@ def has_best_checkpoint(trainer: Trainer) -> bool:
 
 
 def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict:
-    """Test-set loss and accuracy of a checkpoint, rebuilt from the config stored in it."""
+    """Test-set loss and metrics of a checkpoint, its model and data rebuilt from the settings stored
+    in it (a user's model from its recorded MODULE:FUNCTION factory and arguments)."""
     payload = load_checkpoint(path)
     try:
-        config = config_from_dict(payload["config"], source=f"the settings stored in {path}").resolved()
+        config = config_from_dict(saved_settings(payload), source=f"the settings stored in {path}").resolved()
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     config = dataclasses.replace(config, device=device, data_dir=config.data_dir if data_dir is None else data_dir)
     config.validate()
-    torch_device = resolve_device(device)
-    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=torch_device)
+    data = load_training_data(config, resolve_device(device))
     model = build_model_from_config(config, data)
     mismatch = state_dict_mismatch(model, payload["model"])
     if mismatch is not None:
         raise CheckpointError(f"{path}: its weights do not fit the model its settings describe ({mismatch})")
     model.load_state_dict(payload["model"])
-    trainer = Trainer(model, config)
-    test = trainer.evaluate(DeviceBatches(data.test.x, data.test.y, config.eval_batch_size, shuffle=False))
-    return {"checkpoint": str(path), "epoch": payload["epoch"], "test_accuracy": test["accuracy"],
-            "test_loss": test["loss"], "test_samples": len(data.test)}  # fmt: skip
+    trainer = Trainer(model, config, task=build_run_task(config))
+    split = "test" if getattr(data, "test", None) is not None else "val"
+    evaluated = evaluation_data(config, data, split)
+    if evaluated is None:
+        raise ConfigError(f"{config.dataset} returned no test or validation data to evaluate {path} on")
+    results = trainer.evaluate(evaluated)
+    return {"checkpoint": str(path), "epoch": payload["epoch"], "split": split,
+            **{f"test_{name}": value for name, value in sorted(results.items(), key=lambda item: item[0] == "loss")},
+            "test_samples": rows_of(getattr(data, split))}  # fmt: skip
+
+
+def saved_settings(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's full settings: the loop's (``config``) and the recipe's around it (``run_info``)."""
+    return {**payload.get("run_info", {}).get("recipe", {}), **payload["config"]}
+
+
+def recipe_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings the Trainer does not see (data, model and their options), kept in run_info."""
+    return {key: value for key, value in config.to_dict().items() if key not in LOOP_FIELDS}

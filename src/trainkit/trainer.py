@@ -29,7 +29,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -42,21 +42,23 @@ from tqdm import tqdm
 
 import trainkit
 from trainkit import distributed
-from trainkit.callbacks import Callback, TrainState, is_improvement
+from trainkit.callbacks import Callback, EarlyStopping, TrainState, callback_keys, check_callbacks, is_improvement
 from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint, state_dict_mismatch
-from trainkit.config import DEFAULT_SKIP_FRACTION, TrainConfig, require_device
-from trainkit.data import DeviceBatches
+from trainkit.config import DEFAULT_SKIP_FRACTION, LOOP_MONITORABLE, TrainConfig, require_device
+from trainkit.batches import DeviceBatches, EpochBatches, LoaderBatches, as_epoch_batches
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.faults import crash_point
 from trainkit.history import EpochMeter, HistoryFile, format_epoch
 from trainkit.lr_finder import LRFinderResult, lr_find
-from trainkit.optim import build_optimizer
+from trainkit.optim import build_optimizer, check_user_optimizer
 from trainkit.rundir import holding_run_folder, remove_stale_temp_files
+from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
+from trainkit.tasks import StepOutput, Task, as_task, detached, model_logits, model_loss
 
 log = logging.getLogger("trainkit")
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = Any  # a tensor, tuple, list, dict or dataclass of tensors (trainkit.runtime)
 NONFINITE_CHECK_EVERY = 50  # optimizer steps between looks at the logged losses ("raise")
 
 
@@ -92,13 +94,20 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def schedule_spec(config: TrainConfig, steps_per_epoch: int) -> ScheduleSpec:
-    """The config's schedule in optimizer steps (users think in epochs; schedules run in steps)."""
+def schedule_spec(config: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> ScheduleSpec:
+    """The config's schedule in optimizer steps (users think in epochs; schedules run in steps).
+
+    A --max-steps run without --warmup warms up like an epoch run: one epoch, at most half the run.
+    """
 
     def steps(epochs: float | None) -> int | None:
         return None if epochs is None else max(1, round(epochs * steps_per_epoch))
 
-    warmup = round(config.warmup * steps_per_epoch)
+    if config.warmup is not None:
+        warmup = round(config.warmup * steps_per_epoch)
+    else:
+        total = total_steps or steps_per_epoch
+        warmup = min(steps_per_epoch, total // 2) if config.schedule == "warmup_cosine" else 0
     return ScheduleSpec(
         name=config.schedule,
         warmup_steps=warmup,
@@ -167,10 +176,10 @@ def labelled_as_data(batches: Iterable[Batch]) -> Iterator[Batch]:
 
 
 def split_micro_batches(group: list[Batch], size: int | None) -> list[Batch]:
-    """Each micro-batch of ``group`` cut into pieces of at most ``size`` samples, in order (None: as is)."""
+    """Each micro-batch of ``group`` cut into pieces of at most ``size`` rows, in order (None: as is)."""
     if size is None:
         return group
-    return [piece for inputs, targets in group for piece in zip(inputs.split(size), targets.split(size))]
+    return [piece for batch in group for piece in split_batch(batch, size)]
 
 
 def group_batches(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
@@ -186,7 +195,14 @@ def group_batches(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
 
 
 class Trainer:
-    """Fit a classifier with the practices in ``TrainConfig``; see the module docstring."""
+    """Fit any model on any data with the practices in ``TrainConfig``; see the module docstring.
+
+    ``task``: what a batch means and what is measured (a ``trainkit.tasks.Task`` or one of
+    ``TASKS``' names; default classification). ``loss_fn``, ``metrics`` and ``step`` build the task
+    when it is given by name. ``optimizer``/``scheduler``: the user's own objects instead of the
+    configured ones (trainkit's optimizer keeps weight decay off biases and norm weights);
+    a scheduler is stepped once per optimizer step.
+    """
 
     # Set by the out-of-memory back-off: micro-batches are cut to this size from then on.
     micro_batch_size: int | None = None
@@ -198,10 +214,19 @@ class Trainer:
         *,
         callbacks: Sequence[Callback] = (),
         out_dir: str | Path | None = None,
-        loss_fn: nn.Module | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        task: Task | str | None = None,
+        metrics: Mapping[str, Any] | Sequence[str] | None = None,
+        step: Callable[[nn.Module, Any], Any] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         run_info: dict[str, Any] | None = None,
     ) -> None:
-        self.config = config.resolved()
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"Trainer needs a torch.nn.Module as its model, got {type(model).__name__}")
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"Trainer needs a trainkit.TrainConfig, got {type(config).__name__}")
+        self.config = config.resolved(loop_only=True)  # the recipe fields (dataset, model, ...) are not ours
         if self.config.lr == "auto":
             raise ConfigError("Trainer needs a numeric lr; run trainkit.lr_finder.lr_find first (train_run does)")
         self.device = resolve_device(self.config.device)
@@ -220,18 +245,27 @@ class Trainer:
         train_module = self.model if self.ddp_model is None else self.ddp_model
         self.forward = torch.compile(train_module) if self.config.compile else train_module
         self.eval_forward = self.model if self.distributed else self.forward
-        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.task = as_task(task, loss_fn=loss_fn, metrics=metrics, step=step)
         self.callbacks = list(callbacks)
+        check_callbacks(self.callbacks)
+        warn_about_recipe_settings(self.config, self.callbacks)
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
         self.run_info = {**(run_info or {}), "world_size": self.world_size}  # resume needs the same
-        self.optimizer = build_optimizer(
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(
             self.config.optimizer,
             self.model,
             lr=self.config.lr,
             weight_decay=self.config.weight_decay,
             momentum=self.config.momentum,
-        )
+        )  # fmt: skip
+        check_user_optimizer(self.optimizer, scheduler, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
+        self.user_scheduler = scheduler
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.train_batches: EpochBatches | None = None
+        self.epochs, self.max_steps = self.config.epochs, self.config.max_steps  # fit() settles epochs from the data
+        self._validated_this_epoch = False
         self.state = TrainState(model=self.model)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoints = (
@@ -253,7 +287,7 @@ class Trainer:
         self.max_skipped_steps = self.config.max_skipped_steps  # None until fit() knows the epoch length
         self._buffers = BufferSnapshot(self.model) if self.config.on_nonfinite == "skip" else None
         self.interrupt_reason: str | None = None
-        self._meter = EpochMeter(self.device)
+        self._meter = EpochMeter(self.device, self.task.new_metrics())
         self._batches_done = 0  # micro-batches of the current epoch already trained on
         self._pending_position: dict[str, Any] | None = None  # set when resuming mid-epoch
         self._fallback_state: dict[str, Any] | None = None
@@ -265,30 +299,39 @@ class Trainer:
     # ----------------------------------------------------------------- fitting
     def fit(
         self,
-        train: DeviceBatches,
-        val: DeviceBatches | None = None,
+        train: Any,
+        val: Any = None,
         *,
         resume_from: str | Path | dict[str, Any] | None = None,
     ) -> list[dict[str, float]]:
-        """Train for up to ``config.epochs`` epochs (early stopping may end sooner); returns the history.
+        """Train for ``config.epochs`` epochs or ``config.max_steps`` optimizer steps (early stopping
+        may end sooner); returns the history, one row per epoch (and per ``val_every_steps`` point).
 
-        ``resume_from``: a checkpoint path or an already loaded checkpoint payload. The output
-        folder (if any) is locked for the whole fit: a second process gets a one-line error.
+        ``train``/``val``: any data ``trainkit.batches.as_epoch_batches`` accepts (a Dataset, a
+        DataLoader, an iterable of batches, DeviceBatches). ``resume_from``: a checkpoint path or
+        an already loaded checkpoint payload. The output folder (if any) is locked for the whole
+        fit: a second process gets a one-line error.
         """
         if self.out_dir is None or not self.is_main:
             return self._fit(train, val, resume_from)
         with holding_run_folder(self.out_dir):
             return self._fit(train, val, resume_from)
 
-    def _fit(
-        self, train: DeviceBatches, val: DeviceBatches | None, resume_from: str | Path | dict[str, Any] | None
-    ) -> list[dict[str, float]]:
+    def _fit(self, train: Any, val: Any, resume_from: str | Path | dict[str, Any] | None) -> list[dict[str, float]]:
+        train = self.train_batches = self._training_batches(train)
         steps_per_epoch = math.ceil(len(train) / self.config.accumulate)
-        self.scheduler = build_scheduler(
-            schedule_spec(self.config, steps_per_epoch), self.optimizer, total_steps=steps_per_epoch * self.config.epochs
+        if steps_per_epoch == 0:
+            raise ConfigError("the training data yields no batch (is it empty, or smaller than one batch with drop_last?)")
+        self.max_steps = self.config.max_steps
+        # max_steps, when given, is the budget (as in Keras' steps and Hugging Face's max_steps)
+        self.epochs = self.config.epochs if self.max_steps is None else math.ceil(self.max_steps / steps_per_epoch)
+        total_steps = steps_per_epoch * self.epochs if self.max_steps is None else self.max_steps
+        self.scheduler = self.user_scheduler or build_scheduler(
+            schedule_spec(self.config, steps_per_epoch, total_steps), self.optimizer, total_steps=total_steps
         )
         if self.max_skipped_steps is None:
             self.max_skipped_steps = max(1, math.ceil(DEFAULT_SKIP_FRACTION * steps_per_epoch))
+        self._check_monitor(val)
         if resume_from is not None:
             payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device)
             self.load_state_dict(payload)
@@ -300,7 +343,7 @@ class Trainer:
             self._fallback_state = copy.deepcopy(self.state_dict())
         self.history_file.rewrite(self.state.history)
         self._call("on_fit_start")
-        while self.state.epoch < self.config.epochs and not self.state.stop_requested:
+        while self.state.epoch < self.epochs and not self.state.stop_requested and not self._out_of_steps():
             try:
                 self._run_epoch(train, val)
             except NonFiniteStep as bad:
@@ -311,13 +354,47 @@ class Trainer:
         self.model.eval()
         return self.state.history
 
-    def lr_find(self, train: DeviceBatches, **options: Any) -> LRFinderResult:
-        """LR range test on this trainer's model, optimizer, loss, accumulation and precision.
+    def _training_batches(self, data: Any) -> EpochBatches:
+        """The training data as EpochBatches (shuffled by (seed, epoch), this rank's shard)."""
+        if self.config.batch_size == "auto":
+            raise ConfigError("Trainer needs a numeric batch_size; trainkit.memory.find_batch_size finds one (train_run does)")
+        return as_epoch_batches(
+            data, batch_size=self.config.batch_size, seed=self.config.seed, shuffle=True, lockstep=True,
+            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda", rank=self.rank,
+            world_size=self.world_size, steps_per_epoch=steps_without_length(data, self.config),
+        )  # fmt: skip
+
+    def _evaluation_batches(self, data: Any) -> Iterable[Batch]:
+        """Evaluation data in order, this rank's shard (a user's loader is taken as it is)."""
+        if isinstance(data, LoaderBatches):
+            return data.loader
+        batches = as_epoch_batches(
+            data, batch_size=self.config.eval_batch_size, seed=self.config.seed, shuffle=False, lockstep=False,
+            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda", rank=self.rank,
+            world_size=self.world_size, steps_per_epoch=1,
+        )  # fmt: skip
+        return batches.loader if isinstance(batches, LoaderBatches) else batches.epoch(0)
+
+    def _check_monitor(self, val: Any) -> None:
+        """--monitor (and each EarlyStopping's) must name a metric this run produces: refused before
+        training, not after its first epoch. A val_ metric without validation data is not tracked."""
+        available = self.task.monitorable(LOOP_MONITORABLE)
+        available += [name for callback in self.callbacks for name in callback.adds_metrics]
+        monitors = [self.config.monitor] + [c.monitor for c in self.callbacks if isinstance(c, EarlyStopping)]
+        for monitor in monitors:
+            if monitor not in available and not (val is None and monitor.startswith("val_")):
+                raise ConfigError(f"--monitor {monitor!r} is not a metric of this run; choose one of {', '.join(available)}")
+
+    def _out_of_steps(self) -> bool:
+        return self.max_steps is not None and self.state.global_step >= self.max_steps
+
+    def lr_find(self, train: Any, **options: Any) -> LRFinderResult:
+        """LR range test on this trainer's model, optimizer, task, accumulation and precision.
 
         Leaves no trace (see trainkit.lr_finder); build a new Trainer with the suggested lr.
         """
-        return lr_find(self.model, self.optimizer, train, self.loss_fn, accumulate=self.config.accumulate,
-                       precision=self.config.precision, **options)  # fmt: skip
+        return lr_find(self.model, self.optimizer, self._training_batches(train), self.task,
+                       accumulate=self.config.accumulate, precision=self.config.precision, **options)  # fmt: skip
 
     def request_interrupt(self, reason: str) -> None:
         """Ask for a clean stop: finish the current step, save a checkpoint, raise TrainingInterrupted.
@@ -326,84 +403,126 @@ class Trainer:
         """
         self.interrupt_reason = reason
 
-    def _run_epoch(self, train: DeviceBatches, val: DeviceBatches | None) -> None:
+    def _run_epoch(self, train: EpochBatches, val: Any) -> None:
         state = self.state
         state.epoch += 1
         self._call("on_epoch_start")
-        started = time.perf_counter()
-        self._train_one_epoch(train)
-        metrics: dict[str, float] = {"epoch": state.epoch, **self._meter.results()}
-        if val is not None and val.num_samples > 0:
-            val_metrics = self.evaluate(val)
-            metrics["val_loss"], metrics["val_accuracy"] = val_metrics["loss"], val_metrics["accuracy"]
-        seconds = time.perf_counter() - started
-        metrics.update(
-            lr=self.optimizer.param_groups[0]["lr"],
-            epoch_seconds=seconds,
-            samples_per_second=self._meter.total_samples / seconds,
-        )
+        self._row_started = time.perf_counter()
+        self._train_one_epoch(train, val)
+        measured = bool(self._meter.steps or self._meter.skipped or not self._validated_this_epoch)
+        if measured:  # not when the epoch stopped right after a --val-every-steps row
+            self._measure_row(val)
+        self._call("on_epoch_end")
+        self._agree_on_stop()
+        step_metric = getattr(self.scheduler, "step_metric", None)  # reduce-on-plateau
+        if step_metric is not None and self.config.monitor in state.metrics:
+            step_metric(state.metrics[self.config.monitor])
+        if measured:
+            self._publish_row(state.metrics)  # after on_epoch_end: what a callback adds is kept
+        if not self._weights_finite():  # checked after the callbacks too: nothing non-finite is saved or best
+            self._nonfinite_weights()
+        saved = self._save_checkpoint(epoch_complete=True, is_best=measured and self._is_new_best(state.metrics))
+        self._stop_if_interrupted(saved)
+
+    def _measure_row(self, val: Any) -> dict[str, float]:
+        """The metrics since the previous row (training) and now (validation); callbacks see them
+        at on_validation_end. Starts the next row's sums from zero."""
+        state = self.state
+        train_metrics = self._meter.results()
+        train_metrics.update(self._derived("train_", train_metrics))
+        metrics: dict[str, Any] = {"epoch": state.epoch}
+        if self.config.val_every_steps:
+            metrics["step"] = state.global_step
+        metrics.update((k, v) for k, v in train_metrics.items() if k.startswith("train_"))
+        if val is not None and has_samples(val):
+            metrics.update((f"val_{k}", v) for k, v in self.evaluate(val).items())
+        seconds = time.perf_counter() - self._row_started
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics.update((k, v) for k, v in train_metrics.items() if not k.startswith("train_"))
+        metrics.update(epoch_seconds=seconds, samples_per_second=self._meter.total_rows / seconds)
         metrics = distributed.broadcast_object(metrics)  # rank 0's numbers everywhere: same decisions
         state.metrics = metrics
         state.history.append(metrics)
         self._call("on_validation_end")
-        self._call("on_epoch_end")
-        self._agree_on_stop()
-        step_metric = getattr(self.scheduler, "step_metric", None)  # reduce-on-plateau
-        if step_metric is not None and self.config.monitor in metrics:
-            step_metric(metrics[self.config.monitor])
-        self.history_file.append(metrics)
-        log.info("%s", format_epoch(metrics, self.config.epochs))
-        if not self._weights_finite():  # checked after the callbacks too: nothing non-finite is saved or best
-            self._nonfinite_weights()
-        saved = self._save_checkpoint(epoch_complete=True, is_best=self._is_new_best(metrics))
-        self._stop_if_interrupted(saved)
+        self._meter = EpochMeter(self.device, self.task.new_metrics())
+        self._row_started = time.perf_counter()
+        return metrics
 
-    def _train_one_epoch(self, train: DeviceBatches) -> None:
+    def _publish_row(self, metrics: dict[str, float]) -> None:
+        self.history_file.append(metrics, self.state.history)
+        log.info("%s", format_epoch(metrics, self.epochs))
+
+    def _derived(self, prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+        plain = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+        return {prefix + k: v for k, v in self.task.derived(plain).items()}
+
+    def _train_one_epoch(self, train: EpochBatches, val: Any) -> None:
         self.model.train()
-        self._meter = EpochMeter(self.device)
+        self._meter = EpochMeter(self.device, self.task.new_metrics())
         self._batches_done = 0
+        self._validated_this_epoch = False
         if self._pending_position is not None:
             self._meter.load_state_dict(self._pending_position["meter"])
             self._batches_done = self._pending_position["batches_done"]
+            self._validated_this_epoch = self._pending_position.get("validated", False)
             self._pending_position = None
         steps = math.ceil(len(train) / self.config.accumulate)
         progress = tqdm(total=steps, initial=self._batches_done // self.config.accumulate,
                         desc=f"epoch {self.state.epoch}", leave=False,
                         disable=None if self.is_main else True)  # fmt: skip
-        every = self.config.checkpoint_every_steps
+        every, val_every = self.config.checkpoint_every_steps, self.config.val_every_steps
+        global_samples = getattr(train, "global_samples", None) if self.distributed else None
         batches = labelled_as_data(train.epoch(self.state.epoch, self._batches_done))
         for group in group_batches(batches, self.config.accumulate):
-            loss = self._optimizer_step(group, train.global_samples(self._batches_done, len(group)))
+            known = global_samples(self._batches_done, len(group)) if global_samples is not None else None
+            loss = self._optimizer_step(group, known)
             self._batches_done += len(group)
             self.state.global_step += 1
             self._call("on_batch_end", loss)
             progress.update()
             crash_point("step")
-            mid_epoch = self._batches_done < len(train)
-            interrupted = self._interrupt_agreed()
-            if mid_epoch and (interrupted or (every and self.state.global_step % every == 0)):
-                saved = self._save_checkpoint(epoch_complete=False, is_best=False)
+            interrupted, stop_now = self._agree_on_interrupt_and_stop()
+            ending = stop_now or self._out_of_steps()
+            mid_epoch = self._batches_done < len(train) and not ending
+            validate = mid_epoch and val_every and self.state.global_step % val_every == 0
+            is_best = validate and self._validate_mid_epoch(val)
+            if mid_epoch and (interrupted or validate or (every and self.state.global_step % every == 0)):
+                saved = self._save_checkpoint(epoch_complete=False, is_best=is_best)
                 if interrupted:
                     self._raise_interrupted(saved)
             if self.state.global_step % NONFINITE_CHECK_EVERY == 0:
                 self._raise_if_nonfinite(steps)
+            if ending or (validate and self.state.stop_requested):
+                break
         progress.close()
         self._raise_if_nonfinite(steps)
+
+    def _validate_mid_epoch(self, val: Any) -> bool:
+        """A --val-every-steps point: a history row, early stopping's look, maybe a new best."""
+        metrics = self._measure_row(val)
+        self._validated_this_epoch = True
+        self._agree_on_stop()
+        self._publish_row(metrics)
+        self.model.train()
+        return self._weights_finite() and self._is_new_best(metrics)
+
+    def _agree_on_interrupt_and_stop(self) -> tuple[bool, bool]:
+        """Stop now? A signal or a callback's "stop now" may reach ranks at different steps: under
+        DDP, one rank's flag stops them all at the same step (one all-reduce for both)."""
+        return distributed.any_ranks(self.interrupt_reason is not None, self.state.stop_now)
 
     def _optimizer_step(self, group: list[Batch], global_samples: int | None = None) -> torch.Tensor:
         """One optimizer step over an accumulation group; returns the group's mean loss.
 
-        ``global_samples``: the group's size over all ranks. Each rank weights its loss by its
-        share of it, so DDP's gradient average is the mean over the whole global group even
-        when a short last batch gives the ranks unequal slices.
+        ``global_samples``: the group's rows over all ranks when the data knows it without asking
+        (DeviceBatches, DatasetBatches): see ``_group_size``.
         """
-        local_samples = sum(len(targets) for _, targets in group)
-        group_size = local_samples if global_samples is None else global_samples / self.world_size
+        group = [to_device(batch, self.device, self.memory_format) for batch in group]
         if self._buffers is not None:
             self._buffers.take()
         while True:
             try:
-                group_loss, correct = self._accumulate_gradients(group, group_size)
+                group_loss, group_size, weight, observed = self._accumulate_gradients(group, global_samples)
                 break
             except torch.OutOfMemoryError:
                 pass  # the traceback holds the partial graph: free it after leaving this block
@@ -414,33 +533,65 @@ class Trainer:
             if self._is_nonfinite_step(group_loss, grad_norm):
                 self._skip_step()
                 return group_loss
-            self._meter.add_step(group_loss, group_size, correct, local_samples, grad_norm, clipped)
+            for output in observed:  # under "skip", only now is the step known to count
+                self._observe(output)
+            rows = sum(batch_rows(batch) for batch in group)
+            self._meter.add_step(group_loss, group_size, weight, rows, grad_norm, clipped)
+            self._call("on_before_optimizer_step", grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
         return group_loss
 
-    def _accumulate_gradients(self, group: list[Batch], group_size: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward over the group's micro-batches; returns (group mean loss, correct)."""
+    def _accumulate_gradients(
+        self, group: list[Batch], global_samples: int | None
+    ) -> tuple[torch.Tensor, Any, Any, list[StepOutput]]:
+        """Forward and backward over the group's micro-batches.
+
+        Returns (group mean loss, group size the shares were taken of, this rank's sample count,
+        the step outputs whose metrics are still to be counted).
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        group_loss: torch.Tensor | None = None
-        correct: torch.Tensor | None = None
         micro_batches = split_micro_batches(group, self.micro_batch_size)
-        for index, (inputs, targets) in enumerate(micro_batches):
-            inputs, targets = self._to_device(inputs), targets.to(self.device, non_blocking=True)
+        counts = [self.task.samples(batch) for batch in micro_batches]
+        weight = sum(counts)
+        group_size = self._group_size(weight, counts, micro_batches, global_samples)
+        group_loss: torch.Tensor | None = None
+        deferred: list[StepOutput] = []
+        for index, (batch, count) in enumerate(zip(micro_batches, counts)):
             with self._gradient_sync(index == len(micro_batches) - 1):
                 with phase("forward"), self._autocast():
-                    logits = self.forward(inputs)
-                    loss = self.loss_fn(logits, targets)
+                    output = self.task.step(self.forward, batch)
                 # Mean loss of the micro-batch, weighted by its share of the group: the sum over
                 # the group equals the mean loss of one big batch, even for a short last group.
-                share = loss * (len(targets) / group_size)
+                share = output.loss * (count / group_size)
                 with phase("backward"):
                     self.scaler.scale(share).backward()
-            step_correct = (logits.detach().argmax(dim=1) == targets).sum()
             group_loss = share.detach() if group_loss is None else group_loss + share.detach()
-            correct = step_correct if correct is None else correct + step_correct
-        return group_loss, correct
+            output = detached(output)
+            if self.config.on_nonfinite != "skip":
+                self._observe(output)
+            else:
+                deferred.append(output)
+        return group_loss, group_size, weight, deferred
+
+    def _group_size(self, weight: Any, counts: list[Any], micro_batches: list[Batch], global_samples: int | None) -> Any:
+        """What each rank's micro-batch shares are taken of, so that DDP's gradient average is the
+        mean over the whole global group even when ranks count different numbers of samples."""
+        if not self.distributed:
+            return weight
+        rows_counted = all(isinstance(c, int) and c == batch_rows(b) for c, b in zip(counts, micro_batches))
+        if global_samples is not None and rows_counted:
+            return global_samples / self.world_size
+        # DDP agreement point: the group's samples (tokens, elements) over all ranks, on the device
+        total = torch.as_tensor(weight, dtype=torch.float64, device=self.device).clone()
+        return distributed.all_reduce_sum(total) / self.world_size
+
+    def _observe(self, output: StepOutput) -> None:
+        """Count a micro-batch in the epoch's metrics; callbacks see the latest at on_batch_end."""
+        if output.outputs is not None and output.targets is not None:
+            self._meter.metrics.update(output.outputs, output.targets)
+        self.state.step_output = output
 
     def _back_off_after_oom(self, group: list[Batch]) -> None:
         """Out of memory: halve the micro-batch for the rest of training; the caller retries the group.
@@ -451,7 +602,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        full_batch = max(len(targets) for _, targets in group)
+        full_batch = max(batch_rows(batch) for batch in group)
         current = min(self.micro_batch_size or full_batch, full_batch)
         step = self.state.global_step + 1
         if current <= 1:
@@ -486,10 +637,6 @@ class Trainer:
         if clipped is None:  # no clipping configured
             clipped = torch.zeros((), device=self.device, dtype=torch.bool)
         return pre_clip_norm, clipped
-
-    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
-        inputs = inputs.to(self.device, non_blocking=True)
-        return inputs.contiguous(memory_format=self.memory_format) if inputs.dim() == 4 else inputs
 
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel: all-reduces (averages) gradients during backward."""
@@ -602,47 +749,66 @@ class Trainer:
 
     # -------------------------------------------------------------- evaluation
     @torch.inference_mode()
-    def evaluate(self, batches: Iterable[Batch] | DeviceBatches) -> dict[str, float]:
-        """Mean loss and accuracy in eval mode (BatchNorm running stats, no dropout).
+    def evaluate(self, data: Any) -> dict[str, float]:
+        """The task's loss and metrics in eval mode (BatchNorm running stats, no dropout).
 
-        Under DDP each rank evaluates its shard with rank 0's BatchNorm statistics and the sums
-        are all-reduced, so every rank returns the same numbers.
+        ``data``: anything ``fit`` accepts. Under DDP each rank evaluates its shard with rank 0's
+        BatchNorm statistics and the sums are all-reduced, so every rank returns the same numbers.
         """
         self.model.eval()
         distributed.broadcast_buffers(self.model)
-        if isinstance(batches, DeviceBatches):
-            batches = batches.epoch(0)
+        metrics = self.task.new_metrics()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        samples = 0
-        for inputs, targets in batches:
-            inputs, targets = self._to_device(inputs), targets.to(self.device)
+        weight: Any = 0
+        rows = 0
+        for batch in self._evaluation_batches(data):
+            batch = to_device(batch, self.device, self.memory_format)
+            count = self.task.samples(batch)
             with self._autocast():
-                logits = self.eval_forward(inputs)
-                loss_sum += self.loss_fn(logits, targets).double() * len(targets)
-            correct += (logits.argmax(dim=1) == targets).sum()
-            samples += len(targets)
+                output = self.task.step(self.eval_forward, batch)
+                loss_sum += output.loss.double() * count
+            if output.outputs is not None and output.targets is not None:
+                metrics.update(output.outputs, output.targets)
+            weight = weight + count
+            rows += batch_rows(batch)
             crash_point("validation")
-        totals = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(samples))])
-        loss_total, correct_total, samples = distributed.all_reduce_sum(totals).tolist()
-        if samples == 0:
+        weight = weight if isinstance(weight, torch.Tensor) else loss_sum.new_tensor(float(weight))
+        totals = torch.stack([loss_sum, weight.to(loss_sum), loss_sum.new_tensor(float(rows))])
+        loss_total, weight_total, rows = distributed.all_reduce_sum(totals).tolist()
+        if rows == 0:
             raise TrainkitError("cannot evaluate on an empty dataset")
-        return {"loss": loss_total / samples, "accuracy": correct_total / samples}
+        results = {"loss": loss_total / weight_total if weight_total else math.nan}
+        results.update(metrics.results(distributed.all_reduce_sum, device=self.device))
+        results.update(self.task.derived(results))
+        return results
 
     @torch.inference_mode()
-    def predict(self, inputs: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Logits for ``inputs``. Refuses a model in training mode: its outputs would be wrong."""
+    def predict(self, data: Any, batch_size: int | None = None) -> Any:
+        """The model's outputs for ``data`` (a tensor of inputs, or anything ``fit`` accepts; targets
+        in it are ignored), concatenated along the first dimension. Refuses a model in training
+        mode: its outputs would be wrong."""
         if self.model.training:
             raise TrainkitError(
                 "predict() refuses a model in training mode (dropout active, BatchNorm using batch "
                 "statistics); call model.eval() first"
             )
-        batch_size = batch_size or self.config.eval_batch_size
         outputs = []
-        for start in range(0, len(inputs), batch_size):
+        for inputs in self._prediction_inputs(data, batch_size or self.config.eval_batch_size):
             with self._autocast():
-                outputs.append(self.eval_forward(self._to_device(inputs[start : start + batch_size])).float())
-        return torch.cat(outputs)
+                produced = self.task.forward(self.eval_forward, to_device(inputs, self.device, self.memory_format))
+            logits = model_logits(produced) if model_loss(produced) is not None else produced
+            outputs.append(map_tensors(lambda t: t.float() if t.is_floating_point() else t, logits))
+        if not outputs:
+            raise TrainkitError("predict() got no data")
+        return concatenate(outputs)
+
+    def _prediction_inputs(self, data: Any, batch_size: int) -> Iterator[Any]:
+        if isinstance(data, torch.Tensor):
+            for start in range(0, len(data), batch_size):
+                yield data[start : start + batch_size]
+            return
+        for batch in self._evaluation_batches(data):
+            yield self.task.split(batch)[0]
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self, *, epoch_complete: bool = True) -> dict[str, Any]:
@@ -651,13 +817,15 @@ class Trainer:
         ``epoch`` is the epoch in progress (or just completed); ``position`` says how far into
         it training got, with the epoch's running metrics, so a mid-epoch resume is exact.
         """
-        position = None if epoch_complete else {"batches_done": self._batches_done, "meter": self._meter.state_dict()}
+        position = None if epoch_complete else {
+            "batches_done": self._batches_done, "meter": self._meter.state_dict(), "validated": self._validated_this_epoch,
+        }  # fmt: skip
         rng = self._rng_state()
         payload = {
             "format": "trainkit-checkpoint",
             "format_version": 2,
             "versions": {"trainkit": trainkit.__version__, "torch": str(torch.__version__)},
-            "config": self.config.to_dict(),
+            "config": self.config.loop_settings(),  # the recipe's settings, if any, are in run_info
             "run_info": self.run_info,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -673,7 +841,8 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "failed_saves": self.failed_saves,
             "stop": {"requested": self.state.stop_requested, "reason": self.state.stop_reason},
-            "callbacks": {type(callback).__name__: callback.state_dict() for callback in self.callbacks},
+            "callbacks": {key: callback.state_dict() for key, callback in zip(callback_keys(self.callbacks), self.callbacks)},
+            "data": self.train_batches.state_dict() if hasattr(self.train_batches, "state_dict") else None,
             "rng": rng,
         }
         if self.distributed:  # each rank's dropout stream and running sums, for an exact resume
@@ -729,10 +898,12 @@ class Trainer:
         self.failed_saves = payload.get("failed_saves", 0)
         stop = payload.get("stop", {"requested": False, "reason": ""})
         self.state.stop_requested, self.state.stop_reason = stop["requested"], stop["reason"]
-        for callback in self.callbacks:
-            saved = payload["callbacks"].get(type(callback).__name__)
+        for key, callback in zip(callback_keys(self.callbacks), self.callbacks):
+            saved = payload["callbacks"].get(key, payload["callbacks"].get(type(callback).__name__))  # older keys
             if saved:
                 callback.load_state_dict(saved)
+        if payload.get("data") and hasattr(self.train_batches, "load_state_dict"):
+            self.train_batches.load_state_dict(payload["data"])  # a StatefulDataLoader's position
         rng = own["rng"] if own is not None else payload["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
@@ -792,8 +963,8 @@ class Trainer:
         return path, None
 
     def _interrupt_agreed(self) -> bool:
-        """Stop now? Signals may reach ranks at different steps: under DDP, one signalled rank
-        stops them all at the same step (rank 0 saves), so no rank waits for the others forever."""
+        """Signals may reach ranks at different steps: under DDP, one signalled rank stops them
+        all at the same step (rank 0 saves), so no rank waits for the others forever."""
         return distributed.any_rank(self.interrupt_reason is not None)
 
     def _agree_on_stop(self) -> None:
@@ -818,3 +989,31 @@ class Trainer:
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self.state, *args)
+
+
+def warn_about_recipe_settings(config: TrainConfig, callbacks: Sequence[Callback]) -> None:
+    """patience (and min_delta for it) builds train_run's EarlyStopping; a Trainer user who sets it
+    expects early stopping, so say where it goes instead of ignoring it silently."""
+    default = TrainConfig.__dataclass_fields__["patience"].default
+    if config.patience not in (0, default) and not any(isinstance(c, EarlyStopping) for c in callbacks):
+        log.warning("TrainConfig.patience is read by train_run and the CLI; with the Trainer pass "
+                    "callbacks=[EarlyStopping(%r, patience=%d)] for early stopping", config.monitor, config.patience)  # fmt: skip
+
+
+def steps_without_length(data: Any, config: TrainConfig) -> int | None:
+    """Batches per epoch for data without a length: the run's --max-steps (times accumulation)."""
+    try:
+        len(data)
+        return None
+    except TypeError:
+        return config.max_steps * config.accumulate if config.max_steps else None
+
+
+def has_samples(data: Any) -> bool:
+    """False for evaluation data known to be empty (--val-size 0)."""
+    if isinstance(data, DeviceBatches):
+        return data.num_samples > 0
+    try:
+        return len(data) > 0
+    except TypeError:
+        return True

@@ -26,7 +26,8 @@ from trainkit.diagnostics import Diagnostics, LayerStats, signal_diagnostics
 from trainkit.errors import NonFiniteLossError
 from trainkit.experiments.core import Cell, mean_std, plot_val_accuracy, read_history, run_cells, write_csv
 from trainkit.plots import plt
-from trainkit.run import build_model_from_config, load_training_data, seed_everything, train_run
+from trainkit.run import train_run
+from trainkit.components import build_model_from_config, load_training_data, seed_everything
 
 log = logging.getLogger("trainkit")
 

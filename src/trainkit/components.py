@@ -1,0 +1,255 @@
+"""What a run trains: its data, model and task, from trainkit's recipes or the user's factories.
+
+Two sources, one interface for ``trainkit.run``:
+
+- trainkit's recipe: an IDX dataset (``trainkit.data``) as device tensors, a model from
+  ``trainkit.models`` sized to it and initialised with ``--init``;
+- the user's ``--dataset MODULE:FUNCTION`` / ``--model MODULE:FUNCTION`` (``trainkit.factories``):
+  datasets of any kind, loaded by ``trainkit.batches``, and a model kept as its factory built it.
+
+A user model also trains on trainkit's datasets (a CNN of your own on MNIST); a user dataset
+needs a user model (trainkit's models are sized for its image datasets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from trainkit.batches import EpochBatches, as_epoch_batches
+from trainkit.config import TrainConfig, is_factory_path
+from trainkit.data import DatasetSplits, DeviceBatches, TensorSplit, load_dataset
+from trainkit.errors import ConfigError
+from trainkit.factories import UserData, build_user_model, load_user_data
+from trainkit.init import init_weights
+from trainkit.memory import (
+    PROBE_BATCHES, MemoryEstimate, activation_bytes_per_sample, check_model_fits, estimate_training_memory,
+    find_batch_size,
+)  # fmt: skip
+from trainkit.models import build_model, enable_grad_checkpointing
+from trainkit.runtime import tensors_in
+from trainkit.tasks import Task, build_task
+from trainkit.trainer import autocast_dtype
+
+log = logging.getLogger("trainkit")
+
+RunData = DatasetSplits | UserData
+FINGERPRINT_SAMPLES = 8  # samples hashed from each end of a user dataset (a full pass could take minutes)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model_from_config(config: TrainConfig, data: RunData) -> nn.Module:
+    """The configured model (seeded by the caller): trainkit's, initialised with --init, or the
+    user's factory's as it built it."""
+    if is_factory_path(config.model):
+        model = build_user_model(config.model, config.model_args)
+    else:
+        model = init_weights(build_architecture(config, data), config.init)
+    return enable_grad_checkpointing(model) if config.grad_checkpointing else model
+
+
+def build_architecture(config: TrainConfig, data: RunData) -> nn.Module:
+    """The configured layers, with PyTorch's default initialisation."""
+    if is_factory_path(config.model):
+        return build_user_model(config.model, config.model_args)
+    if isinstance(data, UserData):
+        raise ConfigError(
+            f"--model {config.model} is sized for trainkit's image datasets; with --dataset {data.name} "
+            f"give your own model as --model MODULE:FUNCTION"
+        )
+    options: dict[str, Any] = {"norm": config.norm, "dropout": config.dropout, "activation": config.activation}
+    if config.model == "mlp":
+        options["hidden"] = tuple(config.hidden)
+        if config.norm_after_dropout:
+            options["norm_after_dropout"] = True
+    if config.model == "residual_mlp":
+        options["drop_path"] = config.drop_path
+    return build_model(config.model, data.input_shape, data.num_classes, **options)
+
+
+def model_memory(config: TrainConfig, data: RunData) -> MemoryEstimate | None:
+    """The model's weights and optimizer state, estimated on the meta device before it is built."""
+    try:
+        return estimate_training_memory(lambda: build_architecture(config, data), config.optimizer)
+    except Exception as exc:  # a builder the meta device cannot run: the real build reports real errors
+        log.debug("no memory estimate for %s: %s", config.model, exc)
+        return None
+
+
+def check_memory(estimate: MemoryEstimate | None, device: torch.device, batch: int) -> None:
+    if estimate is not None:
+        check_model_fits(estimate, device, batch_size=batch, hint="use smaller --hidden widths or a smaller --batch-size")
+
+
+def load_training_data(config: TrainConfig, device: torch.device) -> RunData:
+    """The configured dataset and split; ``train_size`` keeps only the first N training images."""
+    if is_factory_path(config.dataset):
+        return load_user_data(config.dataset, config.dataset_args)
+    data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
+    if config.train_size is not None and config.train_size < len(data.train):
+        data.train = TensorSplit(data.train.x[: config.train_size], data.train.y[: config.train_size])
+    return data
+
+
+def data_fingerprint(data: RunData) -> dict[str, str]:
+    """Identifies the data a run trains and validates on: a digest of every tensor, so a resume
+    on other data (even with the same shapes, labels and pixel statistics) is refused. A user
+    dataset is identified by its length and its first and last samples (see dataset_digest)."""
+    if isinstance(data, UserData):
+        return {"dataset": data.name, "train_samples": dataset_digest(data.train), "val_samples": dataset_digest(data.val)}
+    return {
+        "dataset": data.name,
+        "train_images": tensor_digest(data.train.x),
+        "train_labels": tensor_digest(data.train.y),
+        "val_images": tensor_digest(data.val.x),
+        "val_labels": tensor_digest(data.val.y),
+    }
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's shape, dtype and bytes (hashed in place: no copy on CPU)."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()[:16]
+
+
+def training_batches(config: TrainConfig, data: RunData, *, rank: int = 0, world_size: int = 1) -> EpochBatches:
+    """The shuffled training batches; with world_size > 1, this rank's slice of each global batch."""
+    if isinstance(data, UserData):
+        return as_epoch_batches(
+            data.train, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
+            rank=rank, world_size=world_size, steps_per_epoch=config.max_steps and config.max_steps * config.accumulate,
+        )  # fmt: skip
+    return DeviceBatches(data.train.x, data.train.y, config.batch_size, seed=config.seed,
+                         augment_shift=config.augment_shift, rank=rank, world_size=world_size)  # fmt: skip
+
+
+def seeded_data_and_model(config: TrainConfig, device: torch.device) -> tuple[TrainConfig, RunData, nn.Module]:
+    """Threads, seeds, the data and the initialised model on ``device``, with --batch-size auto
+    resolved: the start shared by train, profile and lr-find, so they see the same run."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    data = load_training_data(config, device)
+    if isinstance(data, UserData) and config.batch_size == "auto":
+        raise ConfigError("--batch-size auto needs trainkit's in-memory datasets; give --batch-size a number")
+    # refuse a model that cannot fit before allocating it, then its activations before training
+    batch = min(PROBE_BATCHES[0] if config.batch_size == "auto" else config.batch_size, rows_of(data.train))
+    estimate = model_memory(config, data)
+    check_memory(estimate, device, batch)
+    model = build_model_from_config(config, data).to(device)
+    if estimate is not None and not config.grad_checkpointing and isinstance(data, DatasetSplits):
+        per_sample = activation_bytes_per_sample(model, data.train.x)
+        check_memory(dataclasses.replace(estimate, activation_bytes=per_sample * batch), device, batch)
+    if config.batch_size == "auto":
+        config = resolve_auto_batch_size(config, model, data)
+    return config, data, model
+
+
+def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: DatasetSplits) -> TrainConfig:
+    """--batch-size auto: the largest power of two that fits (trainkit.memory); logs the choice and why."""
+    device = data.train.x.device
+    choice = find_batch_size(model, config, data.train.x, data.train.y,
+                             amp_dtype=autocast_dtype(config.precision, device))  # fmt: skip
+    log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
+    return dataclasses.replace(config, batch_size=choice.batch_size)
+
+
+def rows_of(dataset: Any) -> int:
+    try:
+        return len(dataset)
+    except TypeError:
+        return 0  # an iterable without a length: the size is not known before training
+
+
+def evaluation_data(config: TrainConfig, data: RunData, split: str, *, rank: int = 0, world_size: int = 1) -> Any:
+    """The ``split`` ("val" or "test") for Trainer.evaluate: DeviceBatches for trainkit's data (each rank
+    its part), the user's dataset as it is (the Trainer shards it); None when there is none."""
+    if isinstance(data, UserData):
+        return getattr(data, split)
+    tensors = getattr(data, split)
+    return DeviceBatches(tensors.x, tensors.y, config.eval_batch_size, shuffle=False, rank=rank,
+                         world_size=world_size, lockstep=False)  # fmt: skip
+
+
+def build_run_task(config: TrainConfig) -> Task:
+    """--task with --loss (a torch.nn loss class by name) and --metrics (built-in names)."""
+    return build_task(config.task, loss_fn=named_loss(config.loss), metrics=config.metrics)
+
+
+def named_loss(name: str | None) -> nn.Module | None:
+    if name is None:
+        return None
+    loss_class = getattr(nn, name, None)
+    if not (isinstance(loss_class, type) and issubclass(loss_class, nn.modules.loss._Loss)):
+        known = sorted(n for n in dir(nn) if n.endswith("Loss") and isinstance(getattr(nn, n), type))
+        raise ConfigError(f"--loss {name!r} is not a torch.nn loss; choose one of {', '.join(known)}")
+    return loss_class()
+
+
+def dataset_digest(dataset: Any) -> str:
+    """sha256 of a dataset's length and its first and last FINGERPRINT_SAMPLES samples, drawn with
+    every RNG seeded (augmentation inside __getitem__ must not change the digest) and restored."""
+    if dataset is None:
+        return "none"
+    digest = hashlib.sha256(f"{type(dataset).__qualname__}|".encode())
+    try:
+        size = len(dataset)
+    except TypeError:
+        return digest.hexdigest()[:16]  # an iterable: only its kind is known without consuming it
+    digest.update(str(size).encode())
+    if not hasattr(dataset, "__getitem__"):
+        return digest.hexdigest()[:16]
+    indices = sorted(set(range(min(size, FINGERPRINT_SAMPLES))) | set(range(max(0, size - FINGERPRINT_SAMPLES), size)))
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    try:
+        for index in indices:
+            torch.manual_seed(index), random.seed(index), np.random.seed(index)
+            for tensor in tensors_in(dataset[index]):
+                digest.update(tensor_digest(tensor).encode())
+    finally:
+        torch.set_rng_state(states[0]), random.setstate(states[1]), np.random.set_state(states[2])
+    return digest.hexdigest()[:16]
+
+
+def check_samples(task: Task, data: RunData) -> None:
+    """A user dataset's first sample must unpack into what the task needs: refused in one line
+    naming the factory, before any training (not as a traceback from inside the first step)."""
+    if not isinstance(data, UserData) or not hasattr(data.train, "__getitem__") or not rows_of(data.train):
+        return
+    sample = data.train[0]
+    try:
+        _, targets = task.split(default_collate([sample]))
+    except (ConfigError, TypeError, RuntimeError) as exc:
+        raise ConfigError(f"--dataset {data.name}: its samples ({describe(sample)}) do not fit the {task.name} task: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None  # fmt: skip
+    if targets is None and task.user_step is None:
+        raise ConfigError(
+            f"--dataset {data.name}: its samples are {describe(sample)}, with no target for the {task.name} task; "
+            f"return (inputs, target) pairs or dicts with a 'targets' key"
+        )
+
+
+def describe(sample: Any) -> str:
+    """A sample's structure in a few words: 'tuple(Tensor[8], int)'."""
+    if isinstance(sample, torch.Tensor):
+        return f"Tensor[{', '.join(map(str, sample.shape))}]"
+    if isinstance(sample, (tuple, list)):
+        return f"{type(sample).__name__}({', '.join(describe(item) for item in sample)})"
+    if isinstance(sample, dict):
+        return "dict(" + ", ".join(f"{key}: {describe(value)}" for key, value in sample.items()) + ")"
+    return type(sample).__name__
