@@ -282,15 +282,17 @@ def _seed_global_rngs(seed: int) -> None:
         _np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
 
 
-def _global_rng_states() -> tuple[Any, Any, Any]:
-    return torch.get_rng_state(), random.getstate(), None if _np is None else _np.random.get_state()
+def _loop_rng_states() -> tuple[Any, Any]:
+    """The RNGs the training loop draws from (dropout, the user's Python code): torch CPU and
+    ``random``. NumPy's global state is not saved: it costs ~95 µs a batch (docs/benchmarks.md,
+    "Data paths") and the loop never draws from it; after a main-process fetch it is the
+    batch's seeded stream, a function of (seed, epoch, batch), so a resume stays exact."""
+    return torch.get_rng_state(), random.getstate()
 
 
-def _set_global_rng_states(states: tuple[Any, Any, Any]) -> None:
+def _set_loop_rng_states(states: tuple[Any, Any]) -> None:
     torch.set_rng_state(states[0])
     random.setstate(states[1])
-    if _np is not None:
-        _np.random.set_state(states[2])
 
 
 class _SeededFetch(Dataset):
@@ -301,7 +303,7 @@ class _SeededFetch(Dataset):
     whichever worker fetched the batch (workers take batches round-robin, so per-worker RNG
     streams would depend on where the epoch started and on ``num_workers``). torch's
     ``_MapDatasetFetcher`` calls ``__getitems__`` with the batch sampler's item, which carries
-    the seed. In the main process the global RNG states (torch CPU, ``random``, numpy) are
+    the seed. In the main process the loop's RNG states (torch CPU, ``random``; see _loop_rng_states) are
     saved before and restored after each fetch so the training loop's own stream (dropout) is
     untouched (a per-batch cost: see docs/benchmarks.md). A worker process has nothing to
     protect and skips it.
@@ -323,12 +325,12 @@ class _SeededFetch(Dataset):
         if torch.utils.data.get_worker_info() is not None:
             _seed_global_rngs(seed)
             return self._fetch(list(indices))
-        saved = _global_rng_states()
+        saved = _loop_rng_states()
         try:
             _seed_global_rngs(seed)
             return self._fetch(list(indices))
         finally:
-            _set_global_rng_states(saved)
+            _set_loop_rng_states(saved)
 
     def _fetch(self, indices: list[int]) -> Any:
         batched = getattr(self.dataset, "__getitems__", None)
