@@ -459,7 +459,7 @@ def test_batches_the_task_cannot_unpack_are_one_line_errors(batch, message):
 
 
 def test_a_missing_target_key_and_an_unknown_loss_name_are_named():
-    from trainkit.components import named_loss
+    from trainkit.tasks import named_loss
 
     trainer = Trainer(small_classifier(), config(), task=Task(nn.CrossEntropyLoss(), target_key="label_ids"))
     with pytest.raises(ConfigError, match="the batch has no 'label_ids' \\(target_key\\); its keys: inputs, targets"):
@@ -467,3 +467,29 @@ def test_a_missing_target_key_and_an_unknown_loss_name_are_named():
     with pytest.raises(ConfigError, match="--loss 'Hubr' is not a torch.nn loss; choose one of .*HuberLoss"):
         named_loss("Hubr")
     assert isinstance(named_loss("HuberLoss"), nn.HuberLoss)
+
+
+def test_dataclass_batches_are_split_by_field_and_train_like_tuples():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Pair:
+        left: torch.Tensor
+        right: torch.Tensor
+        labels: torch.Tensor
+
+    x, y = classification_data().tensors
+    as_tuples = [((x[i : i + 16, :3], x[i : i + 16, 3:]), y[i : i + 16]) for i in range(0, 96, 16)]
+    as_dataclasses = [Pair(left, right, labels) for (left, right), labels in as_tuples]
+    by_tuple, by_dataclass = TwoInputs(), TwoInputs()
+    Trainer(by_tuple, config()).fit(as_tuples)
+    history = Trainer(by_dataclass, config()).fit(as_dataclasses, as_dataclasses)
+    assert all(torch.equal(a, b) for a, b in zip(weights(by_tuple), weights(by_dataclass)))
+    assert "val_accuracy" in history[-1]
+
+
+def test_the_configs_task_loss_and_metrics_build_the_trainers_task_when_none_is_given():
+    trainer = Trainer(nn.Linear(4, 1), config(task="regression", loss="HuberLoss", metrics=["mae"]))
+    assert isinstance(trainer.task, Regression) and isinstance(trainer.task.loss_fn, nn.HuberLoss)
+    assert list(trainer.task.metric_specs) == ["mae"]
+    assert isinstance(Trainer(nn.Linear(4, 1), config(task="regression"), task=MultiLabel()).task, MultiLabel)

@@ -31,12 +31,12 @@ from trainkit.errors import ConfigError
 from trainkit.factories import UserData, build_user_model, load_user_data
 from trainkit.init import init_weights
 from trainkit.memory import (
-    PROBE_BATCHES, MemoryEstimate, activation_bytes_per_sample, check_model_fits, estimate_training_memory,
+    PROBE_BATCHES, DatasetPrefix, MemoryEstimate, activation_bytes_per_sample, check_model_fits, estimate_training_memory,
     find_batch_size,
 )  # fmt: skip
 from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.runtime import tensors_in
-from trainkit.tasks import Task, build_task
+from trainkit.tasks import Task, build_task, named_loss
 from trainkit.trainer import autocast_dtype
 
 log = logging.getLogger("trainkit")
@@ -145,8 +145,6 @@ def seeded_data_and_model(config: TrainConfig, device: torch.device) -> tuple[Tr
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
     data = load_training_data(config, device)
-    if isinstance(data, UserData) and config.batch_size == "auto":
-        raise ConfigError("--batch-size auto needs trainkit's in-memory datasets; give --batch-size a number")
     # refuse a model that cannot fit before allocating it, then its activations before training
     batch = min(PROBE_BATCHES[0] if config.batch_size == "auto" else config.batch_size, rows_of(data.train))
     estimate = model_memory(config, data)
@@ -160,11 +158,20 @@ def seeded_data_and_model(config: TrainConfig, device: torch.device) -> tuple[Tr
     return config, data, model
 
 
-def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: DatasetSplits) -> TrainConfig:
-    """--batch-size auto: the largest power of two that fits (trainkit.memory); logs the choice and why."""
-    device = data.train.x.device
-    choice = find_batch_size(model, config, data.train.x, data.train.y,
-                             amp_dtype=autocast_dtype(config.precision, device))  # fmt: skip
+def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: RunData) -> TrainConfig:
+    """--batch-size auto: the largest power of two that fits (trainkit.memory); logs the choice and why.
+
+    A user's map-style Dataset is probed with real steps of the run's task on its first samples."""
+    device = next(model.parameters()).device
+    amp_dtype = autocast_dtype(config.precision, device)
+    if isinstance(data, UserData):
+        if not hasattr(data.train, "__getitem__") or not rows_of(data.train):
+            raise ConfigError(f"--batch-size auto needs a map-style Dataset with a length; --dataset {data.name} "
+                              f"returned {type(data.train).__name__}: give --batch-size a number")  # fmt: skip
+        choice = find_batch_size(model, config, DatasetPrefix(data.train, device), None, amp_dtype=amp_dtype,
+                                 task=build_run_task(config))  # fmt: skip
+    else:
+        choice = find_batch_size(model, config, data.train.x, data.train.y, amp_dtype=amp_dtype)
     log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
     return dataclasses.replace(config, batch_size=choice.batch_size)
 
@@ -189,16 +196,6 @@ def evaluation_data(config: TrainConfig, data: RunData, split: str, *, rank: int
 def build_run_task(config: TrainConfig) -> Task:
     """--task with --loss (a torch.nn loss class by name) and --metrics (built-in names)."""
     return build_task(config.task, loss_fn=named_loss(config.loss), metrics=config.metrics)
-
-
-def named_loss(name: str | None) -> nn.Module | None:
-    if name is None:
-        return None
-    loss_class = getattr(nn, name, None)
-    if not (isinstance(loss_class, type) and issubclass(loss_class, nn.modules.loss._Loss)):
-        known = sorted(n for n in dir(nn) if n.endswith("Loss") and isinstance(getattr(nn, n), type))
-        raise ConfigError(f"--loss {name!r} is not a torch.nn loss; choose one of {', '.join(known)}")
-    return loss_class()
 
 
 def dataset_digest(dataset: Any) -> str:

@@ -270,7 +270,7 @@ class TrainConfig:
 
     def _validate_monitor(self, loop_only: bool) -> None:
         """--monitor must be a metric the task logs (the Trainer checks against its own task instead)."""
-        available = build_task(self.task, metrics=self.metrics).monitorable(LOOP_MONITORABLE)
+        available = () if loop_only else build_task(self.task, metrics=self.metrics).monitorable(LOOP_MONITORABLE)
         if not loop_only and self.monitor not in available:
             raise ConfigError(f"--monitor {self.monitor!r} is not a metric of the run; choose one of {', '.join(available)}")
         self.resolved_monitor_mode()

@@ -11,6 +11,7 @@ is one line naming the factory and what it returned, before any training starts.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -56,15 +57,16 @@ def load_factory(path: str, flag: str) -> Callable[..., Any]:
 
 
 def call_factory(path: str, flag: str, args: dict[str, Any]) -> Any:
+    """The factory called with ``args``; arguments it does not take are refused before the call
+    (an error inside the factory is the user's own and keeps its traceback)."""
     function = load_factory(path, flag)
     try:
-        return function(**args)
+        inspect.signature(function).bind(**args)
     except TypeError as exc:
-        if "argument" in str(exc):
-            raise ConfigError(f"{flag} {path} does not take these arguments ({exc}); check {flag}-arg / the config") from None
-        raise
-    except ConfigError:
-        raise
+        raise ConfigError(f"{flag} {path} does not take these arguments ({exc}); check {flag}-arg / the config") from None
+    except ValueError:
+        pass  # no signature to check (a builtin): the call will tell
+    return function(**args)
 
 
 def build_user_model(path: str, args: dict[str, Any]) -> nn.Module:

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.data import default_collate
 
 from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.optim import build_optimizer
+from trainkit.runtime import to_device
+from trainkit.tasks import Task
 
 log = logging.getLogger("trainkit")
 
@@ -116,12 +120,38 @@ def _allocation_events(nodes: list) -> Iterator[tuple[int, int]]:
 
 
 def forward_backward(
-    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, amp_dtype: torch.dtype | None = None
-) -> None:
-    autocast = torch.autocast(inputs.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    model: nn.Module, inputs: Any, targets: torch.Tensor | None, amp_dtype: torch.dtype | None = None,
+    task: Task | None = None,
+) -> None:  # fmt: skip
+    """Cross-entropy on (inputs, targets), or with ``task`` its step on ``inputs`` as a whole batch
+    (``targets`` None: a user's Dataset, see DatasetPrefix)."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with autocast:
-        loss = nn.functional.cross_entropy(model(inputs), targets)
+        if task is None:
+            loss = nn.functional.cross_entropy(model(inputs), targets)
+        else:
+            loss = task.step(model, inputs if targets is None else (inputs, targets)).loss
     loss.backward()
+
+
+class DatasetPrefix:
+    """A map-style Dataset's first samples as one batch on the device: what the batch-size search
+    slices (``prefix[:n]``) when the data is not a pair of tensors."""
+
+    def __init__(self, dataset: Any, device: torch.device) -> None:
+        self.dataset, self.device = dataset, device
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, rows: slice) -> Any:
+        samples = [self.dataset[i] for i in range(*rows.indices(len(self.dataset)))]
+        return to_device(default_collate(samples), self.device)
+
+
+def _prefix(y: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    return None if y is None else y[:size]
 
 
 def measure_step_memory(
@@ -131,10 +161,11 @@ def measure_step_memory(
     targets: torch.Tensor,
     *,
     amp_dtype: torch.dtype | None = None,
+    task: Task | None = None,
 ) -> StepMemory:
     """Run one real training step on CPU and record its memory by phase."""
     optimizer.zero_grad(set_to_none=True)
-    timeline = live_bytes(lambda: forward_backward(model, inputs, targets, amp_dtype))
+    timeline = live_bytes(lambda: forward_backward(model, inputs, targets, amp_dtype, task))
     optimizer_timeline = live_bytes(optimizer.step)
     optimizer.zero_grad(set_to_none=True)
     gradients = timeline[-1] if timeline else 0  # still allocated when the optimizer step starts
@@ -169,10 +200,11 @@ def training_step(
     targets: torch.Tensor,
     *,
     amp_dtype: torch.dtype | None = None,
+    task: Task | None = None,
 ) -> None:
     """One plain step (forward, backward, optimizer step): what the memory search tries."""
     optimizer.zero_grad(set_to_none=True)
-    forward_backward(model, inputs, targets, amp_dtype)
+    forward_backward(model, inputs, targets, amp_dtype, task)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -294,8 +326,8 @@ def batch_cap(num_samples: int, maximum: int = MAX_AUTO_BATCH) -> int:
 
 
 def find_batch_size_by_trial(
-    model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor,
-    *, cap: int, amp_dtype: torch.dtype | None = None,
+    model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], x: Any, y: torch.Tensor | None,
+    *, cap: int, amp_dtype: torch.dtype | None = None, task: Task | None = None,
 ) -> BatchSizeChoice:  # fmt: skip
     """CUDA: real steps at 1, 2, 4, ... until torch.OutOfMemoryError; keep the last size that fit."""
 
@@ -303,7 +335,7 @@ def find_batch_size_by_trial(
         with leaves_no_trace(model):
             optimizer = make_optimizer()
             try:
-                training_step(model, optimizer, x[:size], y[:size], amp_dtype=amp_dtype)
+                training_step(model, optimizer, x[:size], _prefix(y, size), amp_dtype=amp_dtype, task=task)
                 return True
             except torch.OutOfMemoryError:
                 pass  # the traceback holds the step's tensors: free them after leaving this block
@@ -326,15 +358,15 @@ def find_batch_size_by_trial(
 
 
 def find_batch_size_in_budget(
-    model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], x: torch.Tensor, y: torch.Tensor,
-    *, cap: int, budget: int, amp_dtype: torch.dtype | None = None,
+    model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], x: Any, y: torch.Tensor | None,
+    *, cap: int, budget: int, amp_dtype: torch.dtype | None = None, task: Task | None = None,
 ) -> BatchSizeChoice:  # fmt: skip
     """CPU: extrapolate a real step's memory from two small batches; stay within ``budget`` bytes."""
     small, large = probe_batches(len(x))
 
     def measure(size: int) -> StepMemory:
         with leaves_no_trace(model):
-            return measure_step_memory(model, make_optimizer(), x[:size], y[:size], amp_dtype=amp_dtype)
+            return measure_step_memory(model, make_optimizer(), x[:size], _prefix(y, size), amp_dtype=amp_dtype, task=task)
 
     at_small, at_large = measure(small), measure(large)
 
@@ -371,14 +403,16 @@ def probe_batches(num_samples: int) -> tuple[int, int]:
 def find_batch_size(
     model: nn.Module,
     config: TrainConfig,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: Any,
+    y: torch.Tensor | None,
     *,
     amp_dtype: torch.dtype | None = None,
+    task: Task | None = None,
 ) -> BatchSizeChoice:
     """The largest power-of-two micro-batch of ``model`` that fits, capped at len(x) and MAX_AUTO_BATCH.
 
-    ``x``, ``y``: training tensors on the training device. Model and RNG are left as they were.
+    ``x``, ``y``: training tensors on the training device; or ``x`` a ``DatasetPrefix`` of the
+    user's Dataset, ``y`` None and ``task`` the run's task. Model and RNG are left as they were.
     """
     cap = batch_cap(len(x))
     lr = 1e-3 if config.lr == "auto" else config.lr
@@ -388,6 +422,6 @@ def find_batch_size(
                                momentum=config.momentum)  # fmt: skip
 
     if x.device.type == "cuda":
-        return find_batch_size_by_trial(model, make_optimizer, x, y, cap=cap, amp_dtype=amp_dtype)
+        return find_batch_size_by_trial(model, make_optimizer, x, y, cap=cap, amp_dtype=amp_dtype, task=task)
     budget = int(config.memory_budget * GiB) if config.memory_budget is not None else default_memory_budget()
-    return find_batch_size_in_budget(model, make_optimizer, x, y, cap=cap, budget=budget, amp_dtype=amp_dtype)
+    return find_batch_size_in_budget(model, make_optimizer, x, y, cap=cap, budget=budget, amp_dtype=amp_dtype, task=task)

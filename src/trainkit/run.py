@@ -32,12 +32,12 @@ from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import (
     CheckpointDir, all_finite, load_checkpoint, model_sha256, state_dict_mismatch, verify_checkpoint,
 )  # fmt: skip
-from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name
-from trainkit.components import (
-    RunData, build_model_from_config, build_run_task, check_samples, data_fingerprint, evaluation_data, load_training_data, rows_of,
-    seeded_data_and_model, training_batches,
-)  # fmt: skip
 from trainkit.batches import EpochBatches
+from trainkit.components import (
+    RunData, build_model_from_config, build_run_task, check_samples, data_fingerprint, evaluation_data,
+    load_training_data, rows_of, seeded_data_and_model, training_batches,
+)  # fmt: skip
+from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.faults import crash_point
 from trainkit.lr_finder import lr_find
@@ -285,7 +285,8 @@ def _train_run(
         shard = {"rank": rank, "world_size": world}  # each rank evaluates its part; sums all-reduced
         callbacks = [*build_callbacks(config), *extra_callbacks]
         trainer = Trainer(
-            model, config, task=task, callbacks=callbacks, out_dir=out_dir, run_info={"data_fingerprint": fingerprint, "recipe": recipe_settings(config)}
+            model, config, task=task, callbacks=callbacks, out_dir=out_dir,
+            run_info={"data_fingerprint": fingerprint, "recipe": recipe_settings(config)},
         )
         log.info("training %s on %s (%s) on %s -> %s", config.model, config.dataset, split_sizes(data), device, out_dir)
         with guard.deferred_to(trainer):

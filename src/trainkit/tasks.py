@@ -115,8 +115,7 @@ class Task:
                 f"a batch tuple must be (inputs, targets), got {len(batch)} items; put several inputs in a "
                 f"tuple, ((x1, x2), y), or use dict batches with a {TARGET_KEYS[0]!r} key"
             )
-        if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-            batch = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        batch = as_mapping(batch)
         if isinstance(batch, Mapping):
             key = self._target_key_of(batch)
             inputs = {k: v for k, v in batch.items() if k != key}
@@ -149,8 +148,8 @@ class Task:
         if self.user_step is not None:
             return as_step_output(self.user_step(model, batch), self.user_step)
         inputs, targets = self.split(batch)
-        if targets is not None and isinstance(inputs, Mapping) and self._model_takes_targets(model, batch):
-            inputs = {**inputs, self._target_key_of(batch): targets}  # a Hugging Face model computes its own loss
+        if targets is not None and isinstance(inputs, Mapping) and self._model_takes_targets(model, as_mapping(batch)):
+            inputs = {**inputs, self._target_key_of(as_mapping(batch)): targets}  # a Hugging Face model's own loss
         outputs = self.forward(model, inputs)
         own_loss = None if type(outputs) is Tensor else model_loss(outputs)  # a plain tensor: the common case
         if own_loss is not None:
@@ -188,10 +187,6 @@ class Task:
     def count(self, targets: Tensor) -> Samples:
         """Default: every target element (a mean-reduced loss averages over all of them)."""
         return targets.numel()
-
-    def describe(self) -> str:
-        return f"{self.name} (metrics: {', '.join(self.metric_specs) or 'loss only'})"
-
 
 class Classification(Task):
     """Cross-entropy over classes on dim 1 (also (N, C, d...) outputs with (N, d...) targets)."""
@@ -336,6 +331,13 @@ def unwrapped_forward(model: Callable[..., Any]) -> Callable[..., Any]:
     return module.forward if module is not None else getattr(model, "forward", model)
 
 
+def as_mapping(batch: Any) -> Any:
+    """A dataclass batch as the dict of its fields; anything else as it is."""
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return batch
+
+
 def takes_keyword(model: Callable[..., Any], name: str | None) -> bool:
     """Whether ``model``'s forward has a parameter called ``name`` (e.g. ``labels``); not **kwargs:
     a model that accepts anything did not ask for its targets."""
@@ -346,6 +348,19 @@ def takes_keyword(model: Callable[..., Any], name: str | None) -> bool:
     except (TypeError, ValueError):
         return False
     return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
+def named_loss(name: str | None) -> nn.Module | None:
+    if name is None:
+        return None
+    loss_class = getattr(nn, name, None)
+    if not (isinstance(loss_class, type) and issubclass(loss_class, nn.modules.loss._Loss)):
+        losses = (getattr(nn, n) for n in dir(nn))
+        known = sorted(c.__name__ for c in losses if isinstance(c, type) and issubclass(c, nn.modules.loss._Loss))
+        raise ConfigError(f"--loss {name!r} is not a torch.nn loss; choose one of {', '.join(known)}")
+    return loss_class()
+
+
 
 
 def model_loss(outputs: Any) -> Tensor | None:

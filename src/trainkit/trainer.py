@@ -54,7 +54,7 @@ from trainkit.optim import build_optimizer, check_user_optimizer
 from trainkit.rundir import holding_run_folder, remove_stale_temp_files
 from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
-from trainkit.tasks import StepOutput, Task, as_task, detached, model_logits, model_loss
+from trainkit.tasks import StepOutput, Task, as_task, detached, model_logits, model_loss, named_loss
 
 log = logging.getLogger("trainkit")
 
@@ -245,7 +245,7 @@ class Trainer:
         train_module = self.model if self.ddp_model is None else self.ddp_model
         self.forward = torch.compile(train_module) if self.config.compile else train_module
         self.eval_forward = self.model if self.distributed else self.forward
-        self.task = as_task(task, loss_fn=loss_fn, metrics=metrics, step=step)
+        self.task = trainer_task(self.config, task, loss_fn, metrics, step)
         self.callbacks = list(callbacks)
         check_callbacks(self.callbacks)
         warn_about_recipe_settings(self.config, self.callbacks)
@@ -989,6 +989,17 @@ class Trainer:
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self.state, *args)
+
+
+def trainer_task(config: TrainConfig, task: Task | str | None, loss_fn: Any, metrics: Any, step: Any) -> Task:
+    """The given Task; else one built from the arguments, falling back on the config's task, loss
+    and metrics (what ``--task``/``--loss``/``--metrics`` set), so TrainConfig(task="regression") holds."""
+    if isinstance(task, Task):
+        return as_task(task, loss_fn=loss_fn, metrics=metrics, step=step)
+    if task is None and not (step is not None and config.task == "classification"):
+        task = config.task
+    return as_task(task, loss_fn=loss_fn if loss_fn is not None else named_loss(config.loss),
+                   metrics=metrics if metrics is not None else config.metrics, step=step)  # fmt: skip
 
 
 def warn_about_recipe_settings(config: TrainConfig, callbacks: Sequence[Callback]) -> None:
