@@ -148,14 +148,17 @@ class Task:
         if self.user_step is not None:
             return as_step_output(self.user_step(model, batch), self.user_step)
         inputs, targets = self.split(batch)
-        if targets is not None and isinstance(inputs, Mapping) and self._model_takes_targets(model, as_mapping(batch)):
-            inputs = {**inputs, self._target_key_of(as_mapping(batch)): targets}  # a Hugging Face model's own loss
+        if targets is not None and isinstance(inputs, Mapping):
+            key = self._target_key_of(as_mapping(batch))
+            if self._model_takes_targets(model, key):
+                inputs = {**inputs, key: targets}  # a Hugging Face model computes its own loss from them
         outputs = self.forward(model, inputs)
-        own_loss = None if type(outputs) is Tensor else model_loss(outputs)  # a plain tensor: the common case
-        if own_loss is not None:
-            return StepOutput(own_loss, model_logits(outputs), targets)
-        if type(outputs) is not Tensor and model_logits(outputs) is not None:
-            outputs = model_logits(outputs)  # {"logits": ...} without a loss: the task's loss on the logits
+        if type(outputs) is not Tensor:  # a plain tensor is the common case: nothing to unpack
+            own_loss, logits = model_loss(outputs), model_logits(outputs)
+            if own_loss is not None:
+                return StepOutput(own_loss, logits, targets)
+            if logits is not None:
+                outputs = logits  # {"logits": ...} without a loss: the task's loss on the logits
         if targets is None:
             raise ConfigError(
                 "the batch has no targets and the model returned no loss: give (inputs, targets) batches, a dict "
@@ -165,11 +168,11 @@ class Task:
             raise ConfigError(f"the {self.name} task has no loss function: pass loss_fn= (or --loss)")
         return StepOutput(self.loss(outputs, targets), outputs, targets)
 
-    def _model_takes_targets(self, model: Callable[..., Any], batch: Mapping) -> bool:
+    def _model_takes_targets(self, model: Callable[..., Any], target_key: str | None) -> bool:
         """Does the model's forward name the batch's target key (``labels``)? Asked once per model."""
-        key = (id(model), self._target_key_of(batch))
+        key = (id(model), target_key)
         if key not in self._takes_targets:
-            self._takes_targets[key] = takes_keyword(model, key[1])
+            self._takes_targets[key] = takes_keyword(model, target_key)
         return self._takes_targets[key]
 
     def loss(self, outputs: Any, targets: Any) -> Tensor:
