@@ -162,7 +162,7 @@ def absurd_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["lr-find", "--dataset", "synthetic", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
         (["profile", "--dataset", "synthetic", "--steps", "0"], "--steps must be in 1..1000"),
         (["profile", "--dataset", "synthetic", "--steps", str(10**9)], "--steps must be in 1..1000"),
-        (["profile", "--dataset", "synthetic", "--warmup-steps", "-1"], "--warmup-steps in 0..1000"),
+        (["profile", "--dataset", "synthetic", "--skip-steps", "-1"], "--skip-steps in 0..1000"),
         (["schedules", "--plot", str(tmp_path / "s.png"), "--steps", str(10**12)], "a preview of at most"),
         (["schedules", "--plot", str(tmp_path / "s.png"), "--lr", "inf"], "lr must be a positive finite number"),
         (["schedules", "--plot", str(tmp_path / "s.png"), "--steps", "0"], "total_steps must be an integer >= 1"),

@@ -82,6 +82,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest, "big") & (2**63 - 1)
 
 
+def rank_slice(lo: int, hi: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's part of the global batch [lo, hi): contiguous, sizes differing by at most one."""
+    base, extra = divmod(hi - lo, world_size)
+    start = lo + rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
 class DeviceBatches:
     """Mini-batches drawn from tensors that already live on the target device.
 
@@ -153,10 +160,7 @@ class DeviceBatches:
         return max(0, min((start_batch + count) * self.batch_size, self.num_samples) - lo)
 
     def rank_slice(self, lo: int, hi: int) -> tuple[int, int]:
-        """This rank's part of the global batch [lo, hi): contiguous, sizes differing by at most one."""
-        base, extra = divmod(hi - lo, self.world_size)
-        start = lo + self.rank * base + min(self.rank, extra)
-        return start, start + base + (1 if self.rank < extra else 0)
+        return rank_slice(lo, hi, self.rank, self.world_size)
 
     @property
     def num_samples(self) -> int:

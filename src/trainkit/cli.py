@@ -28,8 +28,8 @@ from trainkit.config import (
     SAVE_ERROR_POLICIES,
     SCHEDULES,
     TrainConfig,
-    config_from_dict,
     load_config_file,
+    recipe_config,
 )
 from trainkit.data import DATASET_NAMES
 from trainkit.distributed import STRATEGIES, env_rank
@@ -37,11 +37,14 @@ from trainkit.errors import CheckpointError, NonFiniteLossError, TrainingInterru
 from trainkit.factories import parse_key_values
 from trainkit.metrics import BUILTIN_METRICS
 from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
+from trainkit.text.models import NORM_POSITIONS
+from trainkit.text.tokenizers import TOKENIZERS
 
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
 EXIT_UNVERIFIED = 1  # trainkit inspect: the checkpoint fails verification
-COMPARISONS = ("schedules", "init", "norm", "regularization")  # modules of trainkit.experiments
+TEXT_COMPARISONS = ("warmup", "clipping", "transformer_init", "sequence_norm")  # train on --data-file
+COMPARISONS = ("schedules", "init", "norm", "regularization", *TEXT_COMPARISONS)  # modules of trainkit.experiments  # train the text Transformer/LSTM on --data-file
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -96,8 +99,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     add("--force-resume", action="store_true", help="resume even if settings or data differ from the checkpoint's")
     group = parser.add_argument_group("settings (defaults: the production MNIST recipe)")
     flag = lambda name, **kw: group.add_argument(name, default=argparse.SUPPRESS, **kw)  # noqa: E731
-    flag("--dataset", help="mnist, fashion-mnist, synthetic, or MODULE:FUNCTION returning (train, val[, test]) "
-                            "datasets (default mnist)")
+    flag("--dataset", help="mnist, fashion-mnist, synthetic, text (with --data-file), or MODULE:FUNCTION returning "
+                            "(train, val[, test]) datasets (default mnist)")
     group.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="keyword argument of a MODULE:FUNCTION dataset (repeatable; config file: dataset_args)")
     flag("--num-workers", type=int, help="DataLoader worker processes for Dataset inputs (default 0)")
@@ -105,20 +108,36 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--val-size", type=int, help="training images held out for validation (default 5000)")
     flag("--train-size", type=int, help="train on only the first N training images (default: all)")
     flag("--augment", dest="augment_shift", type=int, help="random shifts of up to N pixels (default: 0 MLP, 2 CNN)")
-    flag("--model", help="mlp, residual_mlp, cnn, or MODULE:FUNCTION returning an nn.Module (default mlp)")
+    flag("--model", help="mlp, residual_mlp, cnn; transformer, lstm (text); or MODULE:FUNCTION returning an "
+                          "nn.Module (default mlp; transformer for --dataset text)")
     group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="keyword argument of a MODULE:FUNCTION model (repeatable; config file: model_args)")
     flag("--task", choices=TASK_NAMES, help="what the batches mean and what is measured (default classification)")
     flag("--metrics", type=name_list, help="built-in metrics, comma separated: " + ", ".join(BUILTIN_METRICS)
          + " (default: the task's own)")
     flag("--loss", help="a torch.nn loss class instead of the task's, e.g. HuberLoss, L1Loss")
+    flag("--data-file", help="--dataset text: any UTF-8 text file")
+    flag("--tokenizer", choices=TOKENIZERS, help="--dataset text: char, byte or bpe (trained on the training split) "
+                                                  "(default char)")
+    flag("--vocab-size", type=int, help="--tokenizer bpe: vocabulary size (default 1024)")
+    flag("--val-fraction", type=float, help="--dataset text: the end of the text held out for validation (default 0.1)")
+    flag("--block-size", type=int, help="--dataset text: tokens per window, the Transformer's context (default 64)")
+    flag("--layers", type=int, help="transformer/lstm: layers (default 4 transformer, 2 lstm)")
+    flag("--heads", type=int, help="transformer: attention heads (default 4)")
+    flag("--width", type=int, help="transformer/lstm: embedding and hidden width (default 128 transformer, 256 lstm)")
+    flag("--norm-position", choices=NORM_POSITIONS, help="transformer: pre (GPT-2) or post norm (default pre)")
+    flag("--attention-dropout", type=float, help="transformer: dropout on attention weights (default: --dropout)")
+    flag("--tie-weights", action=argparse.BooleanOptionalAction,
+         help="language models: the head shares the token embedding (default on)")
     flag("--hidden", type=int_list, help="MLP hidden widths, comma separated (default 256,128)")
-    flag("--norm", help="batch, layer, group or none (default batch)")
+    flag("--norm", help="batch, layer, group or none; rms too for transformer/lstm (default batch; text: layer)")
     flag("--dropout", type=float, help="dropout rate (default 0.3)")
     flag("--drop-path", type=float, help="residual_mlp: stochastic depth rate of the last block (default 0)")
     flag("--activation", help="relu, gelu, silu, tanh, ... (default relu)")
     flag("--init", help="he, xavier, lecun, orthogonal, gpt, auto, default, ... (default he)")
     flag("--optimizer", choices=OPTIMIZERS, help="(default adamw)")
+    flag("--fused-optimizer", action=argparse.BooleanOptionalAction,
+         help="AdamW's fused kernel instead of foreach (default off; on for --dataset text)")
     flag("--lr", type=learning_rate, help="peak learning rate, or auto: run the LR finder first (default 1e-3)")
     flag("--weight-decay", type=float, help="decoupled weight decay on weights only (default 0.01)")
     flag("--momentum", type=float, help="SGD momentum (default 0.9)")
@@ -129,6 +148,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--val-every-steps", type=int, help="also validate every N optimizer steps; 0 = epoch ends only (default 0)")
     flag("--schedule", choices=SCHEDULES, help="(default warmup_cosine)")
     flag("--warmup", type=float, help="epochs of linear warmup before the schedule (default 1 for warmup_cosine, else 0)")
+    flag("--warmup-steps", type=int, help="linear warmup in optimizer steps instead of --warmup (text default 100)")
     flag("--min-lr", type=float, help="lr floor of cosine/linear/cosine_restarts/onecycle/plateau (default 0)")
     flag("--step-epochs", type=float, help="step: epochs between decays (default a third of the run)")
     flag("--gamma", type=float, help="step/multistep decay factor (default 0.1)")
@@ -177,12 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--device", default="auto")
+    sample = commands.add_parser("generate", help="sample text from a language model's checkpoint or run folder")
+    sample.add_argument("checkpoint", help="a checkpoint (.pt) of a --dataset text run, or its run folder")
+    sample.add_argument("--prompt", default="\n", help="text to continue (default a newline)")
+    sample.add_argument("--tokens", type=int, default=200, help="tokens to sample (default 200)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="below 1: safer, above 1: wilder (default 1)")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only (default all)")
+    sample.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
+    sample.add_argument("--device", default="auto")
     inspect = commands.add_parser("inspect", help="verify a checkpoint and show what it holds")
     inspect.add_argument("checkpoint")
     profiler = commands.add_parser("profile", help="profile training steps: time per phase, top operators, trace")
     add_train_flags(profiler)
     profiler.add_argument("--steps", type=int, default=20, help="optimizer steps to profile (default 20)")
-    profiler.add_argument("--warmup-steps", type=int, default=5, help="steps run before profiling (default 5)")
+    profiler.add_argument("--skip-steps", type=int, default=5, help="steps run before profiling starts (default 5)")
     finder = commands.add_parser("lr-find", help="LR range test: loss vs lr, suggestions, lr_find.json/.png")
     add_train_flags(finder)
     finder.add_argument("--start-lr", type=float, default=1e-7)
@@ -202,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=seed_list, default=None, help="default: each comparison's own")
     compare.add_argument("--dataset", default="mnist", choices=DATASET_NAMES)
     compare.add_argument("--data-dir", default=None)
+    compare.add_argument("--data-file", default=None,
+                         help=f"{', '.join(TEXT_COMPARISONS)}: the text (default $TRAINKIT_DATA_DIR/text/kjv.txt)")
     return parser
 
 
@@ -215,7 +245,7 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[
         if pairs:
             table = file_values.get(f"{name}_args", {})
             flags[f"{name}_args"] = {**(table if isinstance(table, dict) else {}), **parse_key_values(pairs, f"--{name}-arg")}
-    config = config_from_dict({**file_values, **flags}, source=args.config or "flags")
+    config = recipe_config({**file_values, **flags}, source=args.config or "flags")
     return config, flags
 
 
@@ -242,6 +272,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     measured = ", ".join(f"{key.removeprefix('test_')} {value:.4f}" for key, value in result.items()
                          if key.startswith("test_") and key != "test_samples")  # fmt: skip
     print(f"{result['checkpoint']} (epoch {result['epoch']}): {result['split']} {measured} on {result['test_samples']} samples")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from trainkit.run import generate_from_checkpoint
+
+    print(generate_from_checkpoint(args.checkpoint, prompt=args.prompt, tokens=args.tokens,
+                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device))  # fmt: skip
     return 0
 
 
@@ -273,7 +311,8 @@ def run_compare(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"trainkit.experiments.{args.experiment}")
     compare = getattr(module, f"compare_{args.experiment}")
     seeds = {"seeds": args.seeds} if args.seeds is not None else {}
-    compare(args.out, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir, **seeds)
+    text = {"data_file": args.data_file} if args.experiment in TEXT_COMPARISONS else {}
+    compare(args.out, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir, **seeds, **text)
     print(f"wrote {Path(args.out) / 'report.md'}")
     return 0
 
@@ -282,7 +321,7 @@ def run_profile(args: argparse.Namespace) -> int:
     from trainkit.profiling import profile_training
 
     config, _ = train_config_from_args(args)
-    result, out_dir = profile_training(config, steps=args.steps, warmup_steps=args.warmup_steps)
+    result, out_dir = profile_training(config, steps=args.steps, warmup_steps=args.skip_steps)
     print(result.operators)
     print(result.split_table())
     print(f"wrote {out_dir / 'profile.txt'} and {out_dir / 'trace.json'} (open in https://ui.perfetto.dev)")
@@ -324,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": run_train,
         "evaluate": run_evaluate,
         "inspect": run_inspect,
+        "generate": run_generate,
         "lr-find": run_lr_find,
         "schedules": run_schedules,
         "compare": run_compare,

@@ -37,11 +37,13 @@ from trainkit.memory import (
 from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.runtime import tensors_in
 from trainkit.tasks import Task, build_task, named_loss
+from trainkit.text.data import RandomWindows, TextData, load_text, validation_batches, window_pairs
+from trainkit.text.models import SEQUENCE_MODELS, build_sequence_model
 from trainkit.trainer import autocast_dtype
 
 log = logging.getLogger("trainkit")
 
-RunData = DatasetSplits | UserData
+RunData = DatasetSplits | UserData | TextData
 FINGERPRINT_SAMPLES = 8  # samples hashed from each end of a user dataset (a full pass could take minutes)
 
 
@@ -58,6 +60,8 @@ def build_model_from_config(config: TrainConfig, data: RunData) -> nn.Module:
         model = build_user_model(config.model, config.model_args)
     else:
         model = init_weights(build_architecture(config, data), config.init)
+    if config.model in SEQUENCE_MODELS:
+        return model  # the Transformer checkpoints its own blocks (--grad-checkpointing)
     return enable_grad_checkpointing(model) if config.grad_checkpointing else model
 
 
@@ -65,7 +69,11 @@ def build_architecture(config: TrainConfig, data: RunData) -> nn.Module:
     """The configured layers, with PyTorch's default initialisation."""
     if is_factory_path(config.model):
         return build_user_model(config.model, config.model_args)
-    if isinstance(data, UserData):
+    if config.model in SEQUENCE_MODELS:
+        if not isinstance(data, TextData):
+            raise ConfigError(f"--model {config.model} is a language model; give it --dataset text --data-file FILE")
+        return build_sequence_model(config, data.vocab_size)
+    if not isinstance(data, DatasetSplits):
         raise ConfigError(
             f"--model {config.model} is sized for trainkit's image datasets; with --dataset {data.name} "
             f"give your own model as --model MODULE:FUNCTION"
@@ -89,15 +97,19 @@ def model_memory(config: TrainConfig, data: RunData) -> MemoryEstimate | None:
         return None
 
 
-def check_memory(estimate: MemoryEstimate | None, device: torch.device, batch: int) -> None:
+def check_memory(estimate: MemoryEstimate | None, device: torch.device, batch: int, model: str) -> None:
     if estimate is not None:
-        check_model_fits(estimate, device, batch_size=batch, hint="use smaller --hidden widths or a smaller --batch-size")
+        sizes = "a smaller --width, --layers or --block-size" if model in SEQUENCE_MODELS else "smaller --hidden widths"
+        check_model_fits(estimate, device, batch_size=batch, hint=f"use {sizes} or a smaller --batch-size")
 
 
 def load_training_data(config: TrainConfig, device: torch.device) -> RunData:
     """The configured dataset and split; ``train_size`` keeps only the first N training images."""
     if is_factory_path(config.dataset):
         return load_user_data(config.dataset, config.dataset_args)
+    if config.dataset == "text":
+        return load_text(config.data_file, tokenizer=config.tokenizer, vocab_size=config.vocab_size,
+                         val_fraction=config.val_fraction, block_size=config.block_size, device=device)  # fmt: skip
     data = load_dataset(config.dataset, config.data_dir, val_size=config.val_size, seed=config.seed, device=device)
     if config.train_size is not None and config.train_size < len(data.train):
         data.train = TensorSplit(data.train.x[: config.train_size], data.train.y[: config.train_size])
@@ -110,6 +122,9 @@ def data_fingerprint(data: RunData) -> dict[str, str]:
     dataset is identified by its length and its first and last samples (see dataset_digest)."""
     if isinstance(data, UserData):
         return {"dataset": data.name, "train_samples": dataset_digest(data.train), "val_samples": dataset_digest(data.val)}
+    if isinstance(data, TextData):  # the ids digest covers the text and the tokenizer that encoded it
+        return {"dataset": data.name, "train_tokens": tensor_digest(data.train),
+                "val_tokens": "none" if data.val is None else tensor_digest(data.val)}  # fmt: skip
     return {
         "dataset": data.name,
         "train_images": tensor_digest(data.train.x),
@@ -134,6 +149,9 @@ def training_batches(config: TrainConfig, data: RunData, *, rank: int = 0, world
             data.train, batch_size=config.batch_size, seed=config.seed, num_workers=config.num_workers,
             rank=rank, world_size=world_size, steps_per_epoch=config.max_steps and config.max_steps * config.accumulate,
         )  # fmt: skip
+    if isinstance(data, TextData):
+        return RandomWindows(data.train, config.block_size, config.batch_size, seed=config.seed, rank=rank,
+                             world_size=world_size)  # fmt: skip
     return DeviceBatches(data.train.x, data.train.y, config.batch_size, seed=config.seed,
                          augment_shift=config.augment_shift, rank=rank, world_size=world_size)  # fmt: skip
 
@@ -148,11 +166,11 @@ def seeded_data_and_model(config: TrainConfig, device: torch.device) -> tuple[Tr
     # refuse a model that cannot fit before allocating it, then its activations before training
     batch = min(PROBE_BATCHES[0] if config.batch_size == "auto" else config.batch_size, rows_of(data.train))
     estimate = model_memory(config, data)
-    check_memory(estimate, device, batch)
+    check_memory(estimate, device, batch, config.model)
     model = build_model_from_config(config, data).to(device)
     if estimate is not None and not config.grad_checkpointing and isinstance(data, DatasetSplits):
         per_sample = activation_bytes_per_sample(model, data.train.x)
-        check_memory(dataclasses.replace(estimate, activation_bytes=per_sample * batch), device, batch)
+        check_memory(dataclasses.replace(estimate, activation_bytes=per_sample * batch), device, batch, config.model)
     if config.batch_size == "auto":
         config = resolve_auto_batch_size(config, model, data)
     return config, data, model
@@ -170,6 +188,9 @@ def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: RunData
                               f"returned {type(data.train).__name__}: give --batch-size a number")  # fmt: skip
         choice = find_batch_size(model, config, DatasetPrefix(data.train, device), None, amp_dtype=amp_dtype,
                                  task=build_run_task(config))  # fmt: skip
+    elif isinstance(data, TextData):
+        inputs, targets = window_pairs(data.train, config.block_size)
+        choice = find_batch_size(model, config, inputs, targets, amp_dtype=amp_dtype, task=build_run_task(config))
     else:
         choice = find_batch_size(model, config, data.train.x, data.train.y, amp_dtype=amp_dtype)
     log.info("--batch-size auto: %d (%s)", choice.batch_size, choice.reason)
@@ -188,6 +209,10 @@ def evaluation_data(config: TrainConfig, data: RunData, split: str, *, rank: int
     its part), the user's dataset as it is (the Trainer shards it); None when there is none."""
     if isinstance(data, UserData):
         return getattr(data, split)
+    if isinstance(data, TextData):  # the whole split in non-overlapping windows (text has no test split)
+        ids = getattr(data, split)
+        return None if ids is None else validation_batches(ids, config.block_size, config.eval_batch_size, rank=rank,
+                                                           world_size=world_size)  # fmt: skip
     tensors = getattr(data, split)
     return DeviceBatches(tensors.x, tensors.y, config.eval_batch_size, shuffle=False, rank=rank,
                          world_size=world_size, lockstep=False)  # fmt: skip

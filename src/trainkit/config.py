@@ -41,6 +41,7 @@ MODES = ("auto", "min", "max")
 NONFINITE_POLICIES = ("raise", "skip", "rollback")
 SAVE_ERROR_POLICIES = ("continue", "stop")
 MAX_SEED = 2**32 - 1  # NumPy's seed range; torch and random accept it too
+MIN_BPE_VOCAB, MAX_VOCAB = 257, 1_000_000  # a byte-level BPE starts from the 256 bytes
 # Metrics every run logs besides the task's train_<metric> / val_<metric> (trainkit.tasks).
 LOOP_MONITORABLE = ("grad_norm", "clip_fraction")
 # Fields whose command-line flag is not simply the field name with dashes.
@@ -57,6 +58,19 @@ MODEL_RECIPES: dict[str, dict[str, Any]] = {
     "residual_mlp": {"epochs": 20, "augment_shift": 0, "channels_last": False},
     # channels_last: measured 1.8-2.1x faster CNN steps on CPU (docs/benchmarks.md)
     "cnn": {"epochs": 12, "augment_shift": 2, "channels_last": True},
+}
+
+# --dataset text: the settings its runs default to, per model (what the user sets wins). The
+# Transformer's are the recipe measured against nanoGPT (docs/benchmarks.md, "Text");
+# any other model (the LSTM, a user's MODULE:FUNCTION) gets the loop part.
+TEXT_DEFAULT_MODEL = "transformer"
+TEXT_LOOP_RECIPE: dict[str, Any] = {
+    "task": "next_token", "max_steps": 1500, "batch_size": 12, "eval_batch_size": 256, "lr": 3e-3, "min_lr": 1e-4,
+    "warmup_steps": 75, "weight_decay": 0.1, "clip_norm": 1.0, "patience": 0, "dropout": 0.0, "fused_optimizer": True,
+}  # fmt: skip
+TEXT_RECIPES: dict[str, dict[str, Any]] = {
+    "transformer": {**TEXT_LOOP_RECIPE, "norm": "layer", "init": "gpt", "layers": 4, "heads": 4, "width": 128},
+    "lstm": {**TEXT_LOOP_RECIPE, "norm": "none", "init": "default", "layers": 2, "width": 256},
 }
 
 
@@ -90,6 +104,7 @@ class TrainConfig:
     init: str = "he"
     # optimisation
     optimizer: str = "adamw"
+    fused_optimizer: bool = False  # AdamW's fused kernel (the text recipe turns it on: measured faster there)
     lr: float | Literal["auto"] = 1e-3  # or "auto": run the LR finder first and use its suggestion
     weight_decay: float = 0.01
     momentum: float = 0.9
@@ -101,6 +116,7 @@ class TrainConfig:
     val_every_steps: int = 0  # also validate (and maybe save best.pt) every N optimizer steps; 0 = epoch ends only
     schedule: str = "warmup_cosine"
     warmup: float | None = None  # epochs of linear warmup before any schedule; None: 1 for warmup_cosine, else 0
+    warmup_steps: int | None = None  # linear warmup in optimizer steps instead of --warmup epochs
     min_lr: float = 0.0  # floor of cosine / linear / cosine_restarts / onecycle / plateau
     step_epochs: float | None = None  # step: epochs between decays (None: a third of the run)
     gamma: float = 0.1  # step / multistep decay factor
@@ -140,6 +156,19 @@ class TrainConfig:
     strategy: str = "auto"  # single | ddp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
     out: str | os.PathLike | None = None
     hidden: list[int] = field(default_factory=lambda: [256, 128])
+    # text (--dataset text; defaults: TEXT_RECIPES)
+    data_file: str | os.PathLike | None = None  # any UTF-8 text file
+    tokenizer: str = "char"  # char | byte | bpe (trained on the training split)
+    vocab_size: int | None = None  # bpe vocabulary size; None: 1024
+    val_fraction: float = 0.1  # the end of the text, held out for validation
+    block_size: int = 64  # tokens per training window (and the Transformer's context)
+    # sequence models (--model transformer | lstm)
+    layers: int = 4
+    heads: int = 4  # transformer: attention heads (width must divide by it)
+    width: int = 128  # embedding / residual stream / LSTM hidden size
+    norm_position: str = "pre"  # transformer: pre (GPT-2) or post (the original Transformer) norm
+    attention_dropout: float | None = None  # transformer: dropout on attention weights; None: --dropout
+    tie_weights: bool = True  # the output head shares the token embedding's weights
 
     def resolved(self, *, loop_only: bool = False) -> TrainConfig:
         """A copy with model-dependent defaults filled in and values validated.
@@ -156,13 +185,16 @@ class TrainConfig:
             epochs=epochs,
             augment_shift=recipe["augment_shift"] if self.augment_shift is None else self.augment_shift,
             channels_last=recipe["channels_last"] if self.channels_last is None else self.channels_last,
-            warmup=default_warmup(self.schedule, epochs) if self.warmup is None and epochs else self.warmup,
+            warmup=default_warmup(self.schedule, epochs) if self.warmup is None and epochs and self.warmup_steps is None
+            else self.warmup,
+            attention_dropout=self.dropout if self.attention_dropout is None else self.attention_dropout,
             hidden=list(self.hidden),
             milestones=list(self.milestones),
             metrics=None if self.metrics is None else list(self.metrics),
             model_args=dict(self.model_args),
             dataset_args=dict(self.dataset_args),
             data_dir=None if self.data_dir is None else os.fspath(self.data_dir),
+            data_file=None if self.data_file is None else os.fspath(self.data_file),
             out=None if self.out is None else os.fspath(self.out),
         )
         filled.validate(loop_only=loop_only)
@@ -200,6 +232,8 @@ class TrainConfig:
             ("strategy", STRATEGIES), ("anneal", ANNEALS),
         ):  # fmt: skip
             _require_choice(name, getattr(self, name), choices)
+        if self.fused_optimizer and self.optimizer != "adamw":
+            raise ConfigError(f"--fused-optimizer is AdamW's fused kernel; --optimizer {self.optimizer} has none here")
         require_device(self.device)
 
     def _validate_recipe_choices(self) -> None:
@@ -208,12 +242,36 @@ class TrainConfig:
         from trainkit.init import INIT_SCHEMES
         from trainkit.layers import ACTIVATIONS, NORMS
         from trainkit.models import MODEL_NAMES
+        from trainkit.text.models import NORM_POSITIONS, SEQUENCE_MODELS, SEQUENCE_NORMS
+        from trainkit.text.tokenizers import TOKENIZERS
 
-        for name, names in (("dataset", DATASET_NAMES), ("model", MODEL_NAMES)):
+        for name, names in (("dataset", (*DATASET_NAMES, "text")), ("model", (*MODEL_NAMES, *SEQUENCE_MODELS))):
             if not is_factory_path(getattr(self, name)):
                 _require_choice(name, getattr(self, name), names, "or MODULE:FUNCTION for your own")
-        for name, choices in (("norm", NORMS), ("activation", ACTIVATIONS), ("init", INIT_SCHEMES)):
+        sequence = self.model in SEQUENCE_MODELS
+        for name, choices in (("norm", SEQUENCE_NORMS if sequence else NORMS), ("activation", ACTIVATIONS),
+                              ("init", INIT_SCHEMES), ("tokenizer", TOKENIZERS), ("norm_position", NORM_POSITIONS)):  # fmt: skip
             _require_choice(name, getattr(self, name), choices)
+        self._validate_text_recipe(sequence)
+
+    def _validate_text_recipe(self, sequence_model: bool) -> None:
+        """Text needs a language model and the next-token task; the sequence models need text."""
+        text, user_model = self.dataset == "text", is_factory_path(self.model)
+        if text and not (sequence_model or user_model):
+            raise ConfigError(f"--model {self.model} is an image model; --dataset text trains "
+                              f"transformer or lstm (or your own MODULE:FUNCTION)")  # fmt: skip
+        if sequence_model and not text:
+            raise ConfigError(f"--model {self.model} is a language model; give it text: --dataset text --data-file FILE")
+        if text and self.task != "next_token":
+            raise ConfigError(f"--dataset text trains the next_token task, not --task {self.task}")
+        if self.model == "transformer" and self.width % self.heads:
+            raise ConfigError(f"--width {self.width} must be divisible by --heads {self.heads} "
+                              f"(each head gets width / heads channels)")  # fmt: skip
+        if self.vocab_size is not None and self.tokenizer != "bpe":
+            raise ConfigError(f"--vocab-size sets the bpe vocabulary; --tokenizer {self.tokenizer} has its own")
+        if self.vocab_size is not None and not MIN_BPE_VOCAB <= self.vocab_size <= MAX_VOCAB:
+            raise ConfigError(f"--vocab-size must be in {MIN_BPE_VOCAB}..{MAX_VOCAB} (a byte-level BPE starts "
+                              f"from 256 symbols), got {self.vocab_size}")  # fmt: skip
 
     def _validate_numbers(self) -> None:
         if self.lr != "auto":
@@ -222,18 +280,20 @@ class TrainConfig:
             _require_non_negative(name, getattr(self, name))
         for name in ("gamma", "plateau_factor", "pct_start", "rollback_lr_factor"):
             _require_open_unit_interval(name, getattr(self, name))
-        for name in ("dropout", "drop_path", "momentum"):
-            _require_in_unit_interval(name, getattr(self, name))
+        for name in ("dropout", "drop_path", "momentum", "val_fraction", "attention_dropout"):
+            if getattr(self, name) is not None:
+                _require_in_unit_interval(name, getattr(self, name))
         for name in ("step_epochs", "restart_epochs", "memory_budget", "clip_norm", "clip_value"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
         if self.batch_size != "auto":
             _require_int_at_least("batch_size", self.batch_size, 1)
         for name in ("eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult", "epochs", "threads",
-                     "train_size", "max_steps"):  # fmt: skip
+                     "train_size", "max_steps", "block_size", "layers", "heads", "width"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 1)
         for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs", "checkpoint_every_steps",
-                     "max_rollbacks", "max_skipped_steps", "plateau_patience", "num_workers", "val_every_steps"):  # fmt: skip
+                     "max_rollbacks", "max_skipped_steps", "plateau_patience", "num_workers", "val_every_steps",
+                     "warmup_steps"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 0)
         if self.seed > MAX_SEED:
             raise ConfigError(f"--seed must be at most 2**32 - 1 = {MAX_SEED} (NumPy's seed range), got {self.seed}")
@@ -249,6 +309,14 @@ class TrainConfig:
             raise ConfigError(f"--min-lr {self.min_lr} must be at most the peak --lr {self.lr}")
         warmup = 0.0 if self.warmup is None else self.warmup
         _require_non_negative("warmup", warmup)
+        if self.warmup_steps is not None:
+            if self.warmup is not None:
+                raise ConfigError("give the warmup once: --warmup (epochs) or --warmup-steps, not both")
+            if self.schedule == "onecycle" and self.warmup_steps:
+                raise ConfigError("--schedule onecycle has its own warmup (--pct-start); drop --warmup-steps")
+            if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+                raise ConfigError(f"--warmup-steps {self.warmup_steps} is not shorter than the run (--max-steps "
+                                  f"{self.max_steps}): the lr would never leave warmup")  # fmt: skip
         if self.schedule == "onecycle" and warmup > 0:
             raise ConfigError("--schedule onecycle has its own warmup (--pct-start); drop --warmup or set it to 0")
         if self.epochs is not None and warmup >= self.epochs:
@@ -286,8 +354,8 @@ class TrainConfig:
 
 # What the Trainer reads; the other fields describe the recipe (data, model) around it.
 LOOP_FIELDS = (
-    "optimizer", "lr", "weight_decay", "momentum", "batch_size", "eval_batch_size", "num_workers", "epochs",
-    "max_steps", "val_every_steps", "schedule", "warmup", "min_lr", "step_epochs", "gamma", "milestones",
+    "optimizer", "fused_optimizer", "lr", "weight_decay", "momentum", "batch_size", "eval_batch_size", "num_workers", "epochs",
+    "max_steps", "val_every_steps", "schedule", "warmup", "warmup_steps", "min_lr", "step_epochs", "gamma", "milestones",
     "pct_start", "anneal", "restart_epochs", "restart_mult", "plateau_patience", "plateau_factor", "clip_norm",
     "clip_value", "accumulate", "precision", "channels_last", "compile", "monitor", "monitor_mode", "min_delta",
     "keep_checkpoints", "keep_every_epochs", "checkpoint_every_steps", "on_save_error", "on_nonfinite",
@@ -303,6 +371,41 @@ def default_warmup(schedule: str, epochs: int) -> float:
 def flag_name(field_name: str) -> str:
     """The command-line flag of a config field (what the user typed, so what errors name)."""
     return FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def recipe_config(values: Mapping[str, Any], source: str = "settings") -> TrainConfig:
+    """A config from the settings given, the rest from their dataset's recipe: ``--dataset text``
+    runs a Transformer language model with TEXT_RECIPES' defaults, any other dataset the MNIST
+    recipe (TrainConfig's own defaults). What the CLI builds from a config file and flags."""
+    if not isinstance(values, Mapping) or not all(isinstance(key, str) for key in values):
+        return config_from_dict(values, source)  # refused there, in one line
+    given = {key.replace("-", "_"): value for key, value in values.items()}
+    return config_from_dict({**recipe_defaults(given), **given}, source)
+
+
+def recipe_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe's settings for what the user did not set (see recipe_config)."""
+    if given.get("dataset") != "text":
+        return {}
+    model = given.get("model", TEXT_DEFAULT_MODEL)
+    recipe = {"model": TEXT_DEFAULT_MODEL, "precision": "bf16" if fast_bf16() else "fp32",
+              **TEXT_RECIPES.get(model, TEXT_LOOP_RECIPE)}  # fmt: skip
+    if "epochs" in given and "max_steps" not in given:
+        del recipe["max_steps"]  # --epochs alone is the budget the user asked for
+    if "warmup" in given:
+        del recipe["warmup_steps"]  # warmup in epochs instead
+    elif isinstance(given.get("max_steps"), int):  # the recipe warms up for 5% of its budget: so of any
+        recipe["warmup_steps"] = min(recipe["warmup_steps"], max(0, given["max_steps"] // 20))
+    return recipe
+
+
+def fast_bf16() -> bool:
+    """Whether bf16 autocast pays here: a CUDA device with bf16, or a CPU with AMX tiles (the text
+    Transformer measured 1.25x faster steps in bf16 on an AMX CPU: docs/benchmarks.md, "Text")."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_amx and is_amx())
 
 
 def config_from_dict(values: Mapping[str, Any], source: str = "config") -> TrainConfig:

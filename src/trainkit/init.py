@@ -38,6 +38,7 @@ _CANONICAL_SCHEMES: tuple[str, ...] = (
     "lecun_uniform",
     "orthogonal",
     "gpt",
+    "gpt_unscaled",
     "uniform",
     "normal",
 )
@@ -81,7 +82,8 @@ _GAIN_NONLINEARITY_BY_ACTIVATION: dict[str, str] = {
 }
 
 _WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+GPT_SCHEMES = ("gpt", "gpt_unscaled")  # N(0, 0.02) everywhere, embeddings included
 
 WeightInit = Callable[[torch.Tensor], object]
 
@@ -151,7 +153,7 @@ def _weight_initialiser(
         return lambda w: nn.init.xavier_normal_(w, gain=gain)
     if scheme == "orthogonal":
         return lambda w: nn.init.orthogonal_(w, gain=gain)
-    if scheme == "gpt":
+    if scheme in GPT_SCHEMES:
         return lambda w: nn.init.normal_(w, mean=0.0, std=GPT_STD)
     if scheme == "uniform":
         return lambda w: nn.init.uniform_(w, -1.0, 1.0)
@@ -175,7 +177,15 @@ def _scale_residual_projections(model: nn.Module) -> None:
     """GPT-2: residual output projections get std 0.02/sqrt(2·n_blocks).
 
     Each block adds to the residual stream, so without this its variance grows with depth.
+    A model that names its projections (``residual_projections()``, the Transformer: two per
+    block) gets 0.02/sqrt(their number), which is GPT-2's 0.02/sqrt(2·n_layer).
     """
+    named = getattr(model, "residual_projections", None)
+    if callable(named):
+        projections = named()
+        for projection in projections:
+            nn.init.normal_(projection.weight, mean=0.0, std=GPT_STD / math.sqrt(len(projections)))
+        return
     blocks = [m for m in model.modules() if isinstance(m, Residual)]
     if not blocks:
         return
@@ -195,7 +205,9 @@ def init_weights(
     """Initialise ``model`` in place with ``scheme`` and return it.
 
     Every Linear/Conv1d/Conv2d weight gets the scheme, their biases are zeroed, and
-    BatchNorm/LayerNorm/GroupNorm get weight 1, bias 0. ``default`` leaves PyTorch's
+    BatchNorm/LayerNorm/GroupNorm/RMSNorm get weight 1, bias 0. The GPT schemes also draw
+    embeddings from N(0, 0.02); ``gpt_unscaled`` skips the residual scaling (an experiment's
+    control). A head tied to an embedding shares its tensor: whichever is visited last wins. ``default`` leaves PyTorch's
     own init untouched. ``mode`` applies to the kaiming schemes; ``nonlinearity``
     overrides the one read from the model (for kaiming and for the gain of
     xavier/orthogonal).
@@ -218,6 +230,8 @@ def init_weights(
                     nn.init.zeros_(module.bias)
             elif isinstance(module, _NORM_LAYERS):
                 _reset_norm(module)
+            elif isinstance(module, nn.Embedding) and scheme in GPT_SCHEMES:
+                nn.init.normal_(module.weight, mean=0.0, std=GPT_STD)
         if scheme == "gpt":
             _scale_residual_projections(model)
     return model

@@ -419,7 +419,7 @@ def find_batch_size(
 
     def make_optimizer() -> torch.optim.Optimizer:
         return build_optimizer(config.optimizer, model, lr=lr, weight_decay=config.weight_decay,
-                               momentum=config.momentum)  # fmt: skip
+                               momentum=config.momentum, fused=config.fused_optimizer)  # fmt: skip
 
     if x.device.type == "cuda":
         return find_batch_size_by_trial(model, make_optimizer, x, y, cap=cap, amp_dtype=amp_dtype, task=task)

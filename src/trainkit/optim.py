@@ -14,7 +14,7 @@ from torch import nn
 
 from trainkit.errors import ConfigError
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 
 def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -34,16 +34,20 @@ def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[n
 
 
 def build_optimizer(
-    name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9
+    name: str, model: nn.Module, *, lr: float, weight_decay: float, momentum: float = 0.9, fused: bool = False
 ) -> torch.optim.Optimizer:
-    """AdamW or SGD+Nesterov momentum over two parameter groups (decay / no decay)."""
+    """AdamW or SGD+Nesterov momentum over two parameter groups (decay / no decay).
+
+    ``fused``: AdamW's fused kernel instead of foreach: 4x faster steps for the text Transformer's
+    many small tensors, no gain on the MNIST models (docs/benchmarks.md).
+    """
     decay, no_decay = split_decay_parameters(model)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {"foreach": True}))
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=True)
     raise ConfigError(f"unknown optimizer {name!r}; choose adamw or sgd")

@@ -105,7 +105,7 @@ def profile_training(config: TrainConfig, *, steps: int = 20, warmup_steps: int 
     """Profile ``steps`` optimizer steps of the configured run after ``warmup_steps``; writes
     profile.txt and trace.json into ``config.out`` (default runs/profile-<time>)."""
     if not 1 <= steps <= MAX_PROFILED_STEPS or not 0 <= warmup_steps <= MAX_PROFILED_STEPS:
-        raise ConfigError(f"--steps must be in 1..{MAX_PROFILED_STEPS} and --warmup-steps in 0..{MAX_PROFILED_STEPS} "
+        raise ConfigError(f"--steps must be in 1..{MAX_PROFILED_STEPS} and --skip-steps in 0..{MAX_PROFILED_STEPS} "
                           f"(the profiler keeps every event in memory), got {steps} and {warmup_steps}")  # fmt: skip
     config = dataclasses.replace(config, lr=1e-3 if config.lr == "auto" else config.lr).resolved()
     device = resolve_device(config.device)

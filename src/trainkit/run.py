@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -37,7 +37,7 @@ from trainkit.components import (
     RunData, build_model_from_config, build_run_task, check_samples, data_fingerprint, evaluation_data,
     load_training_data, rows_of, seeded_data_and_model, training_batches,
 )  # fmt: skip
-from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name
+from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name, is_factory_path
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.faults import crash_point
 from trainkit.lr_finder import lr_find
@@ -47,6 +47,11 @@ from trainkit.rundir import holding_run_folder, read_json, replacing_atomically,
 from trainkit.schedules import build_scheduler
 from trainkit.signals import GracefulStop, graceful_stop
 from trainkit.tasks import Task
+from trainkit.factories import build_user_model
+from trainkit.text.data import TextData, bits_per_token
+from trainkit.text.generate import check_sampling, generate
+from trainkit.text.models import build_sequence_model
+from trainkit.text.tokenizers import tokenizer_from_state
 from trainkit.trainer import Trainer, autocast_dtype, resolve_device, schedule_spec
 
 log = logging.getLogger("trainkit")
@@ -55,7 +60,8 @@ log = logging.getLogger("trainkit")
 RESUMABLE_OVERRIDES = ("data_dir", "device", "out", "strategy")
 # The parts of the data fingerprint, by what an error calls them.
 FINGERPRINT_PARTS = {"dataset": "dataset", "train_images": "training images", "train_labels": "training labels",
-                     "val_images": "validation images", "val_labels": "validation labels"}  # fmt: skip
+                     "val_images": "validation images", "val_labels": "validation labels",
+                     "train_tokens": "training text or tokenizer", "val_tokens": "validation text or tokenizer"}  # fmt: skip
 
 
 def default_out_dir(config: TrainConfig) -> Path:
@@ -286,7 +292,7 @@ def _train_run(
         callbacks = [*build_callbacks(config), *extra_callbacks]
         trainer = Trainer(
             model, config, task=task, callbacks=callbacks, out_dir=out_dir,
-            run_info={"data_fingerprint": fingerprint, "recipe": recipe_settings(config)},
+            run_info={"data_fingerprint": fingerprint, "recipe": recipe_settings(config), **tokenizer_info(data)},
         )
         log.info("training %s on %s (%s) on %s -> %s", config.model, config.dataset, split_sizes(data), device, out_dir)
         with guard.deferred_to(trainer):
@@ -295,6 +301,9 @@ def _train_run(
         test_data = evaluation_data(config, data, "test", **shard)
         test = trainer.evaluate(test_data) if test_data is not None else {}
         summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
+        if isinstance(data, TextData):
+            restored = summary["final_weights"] != "last epoch"
+            summary.update(text_summary(trainer, history, evaluation_data(config, data, "val", **shard), restored))
         if finder is not None:
             summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
         if main:
@@ -307,6 +316,25 @@ def _train_run(
     return summary
 
 
+def tokenizer_info(data: RunData) -> dict[str, Any]:
+    """A text run's checkpoints carry its tokenizer: generate and evaluate decode with it."""
+    return {"tokenizer": data.tokenizer.state_dict()} if isinstance(data, TextData) else {}
+
+
+def text_summary(trainer: Trainer, history: list[dict], val: Any, restored: bool) -> dict[str, float]:
+    """val_loss (mean nats per token over the whole validation split), in bits and as perplexity,
+    for the final weights: the last history row when it measured them, else one more pass."""
+    if val is None:
+        return {}
+    last = history[-1] if history else {}
+    measured = {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")}
+    if "loss" not in measured or restored:  # early stopping restored another epoch's weights
+        measured = trainer.evaluate(val)
+    return {"val_loss": measured["loss"], "val_bits_per_token": bits_per_token(measured["loss"]),
+            "val_perplexity": measured["perplexity"],
+            **{f"val_{k}": v for k, v in measured.items() if k not in ("loss", "perplexity")}}  # fmt: skip
+
+
 def split_sizes(data: RunData) -> str:
     sizes = [(name, getattr(data, name)) for name in ("train", "val", "test")]
     return " / ".join(f"{rows_of(split) or '?'} {name}" for name, split in sizes if split is not None)
@@ -315,6 +343,8 @@ def split_sizes(data: RunData) -> str:
 def describe_test(summary: dict) -> str:
     """'test accuracy 0.98 (loss 0.07)'-style: every test metric, or that there was no test set."""
     tests = {key.removeprefix("test_"): value for key, value in summary.items() if key.startswith("test_")}
+    if not tests and "val_bits_per_token" in summary:
+        return f"val loss {summary['val_loss']:.4f} ({summary['val_bits_per_token']:.3f} bits/token)"
     if not tests:
         return "no test set"
     others = ", ".join(f"{name} {value:.4f}" for name, value in tests.items() if name != "loss")
@@ -412,7 +442,8 @@ def resolve_auto_lr(
     if reuse and saved.is_file():
         return read_json(saved, "the LR finder's result")
     optimizer = build_optimizer(
-        config.optimizer, model, lr=1e-3, weight_decay=config.weight_decay, momentum=config.momentum  # lr_find sets each lr
+        config.optimizer, model, lr=1e-3, weight_decay=config.weight_decay, momentum=config.momentum,  # lr_find sets each lr
+        fused=config.fused_optimizer,
     )
     result = lr_find(
         model, optimizer, batches, task or build_run_task(config), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
@@ -440,13 +471,37 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
 
 
 def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Weights in safetensors: loadable anywhere without unpickling anything."""
-    state = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    """Weights in safetensors: loadable anywhere without unpickling anything.
+
+    A tied weight (a language model's head and token embedding) is stored once; the metadata's
+    ``tied`` maps the other names to it, and ``load_safetensors`` puts them back.
+    """
+    state: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first_name: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for key, value in state_dict.items():
+        where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if where in first_name:
+            tied[key] = first_name[where]
+            continue
+        first_name[where] = key
+        state[key] = value.detach().cpu().contiguous()
+    metadata = {"model_sha256": model_sha256({**state, **{key: state[name] for key, name in tied.items()}})}
+    if tied:
+        metadata["tied"] = json.dumps(tied)
     with replacing_atomically(path) as tmp:
         try:
-            save_file(state, str(tmp), metadata={"model_sha256": model_sha256(state)})
+            save_file(state, str(tmp), metadata=metadata)
         except SafetensorError as exc:  # how safetensors reports I/O failures such as a full disk
             raise OSError(None, str(exc)) from exc
+
+
+def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A state_dict from ``export_safetensors``' file, tied weights under all their names."""
+    with safe_open(str(path), framework="pt", device=device) as file:
+        state = {key: file.get_tensor(key) for key in file.keys()}
+        tied = json.loads((file.metadata() or {}).get("tied", "{}"))
+    return {**state, **{key: state[name] for key, name in tied.items()}}
 
 
 def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, wall_seconds: float) -> dict:
@@ -502,6 +557,44 @@ def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device
     return {"checkpoint": str(path), "epoch": payload["epoch"], "split": split,
             **{f"test_{name}": value for name, value in sorted(results.items(), key=lambda item: item[0] == "loss")},
             "test_samples": rows_of(getattr(data, split))}  # fmt: skip
+
+
+def generate_from_checkpoint(
+    path: str | Path, *, prompt: str, tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+    seed: int = 0, device: str = "auto",
+) -> str:  # fmt: skip
+    """`trainkit generate`: a text run's model and tokenizer rebuilt from a checkpoint (a run
+    folder: its newest checkpoint that verifies), then ``trainkit.text.generate``."""
+    check_sampling(tokens, temperature, top_k)  # before any file is read
+    path, payload = text_checkpoint(Path(path))
+    tokenizer = tokenizer_from_state(payload["run_info"]["tokenizer"])
+    try:
+        config = config_from_dict(saved_settings(payload), source=f"the settings stored in {path}").resolved()
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    model = (build_user_model(config.model, config.model_args) if is_factory_path(config.model)
+             else build_sequence_model(config, tokenizer.vocab_size))  # fmt: skip
+    mismatch = state_dict_mismatch(model, payload["model"])
+    if mismatch is not None:
+        raise CheckpointError(f"{path}: its weights do not fit the model its settings describe ({mismatch})")
+    model.load_state_dict(payload["model"])
+    model.to(resolve_device(device))
+    return generate(model, tokenizer, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed,
+                    context=config.block_size)  # fmt: skip
+
+
+def text_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint at ``path`` (or a run folder's newest valid one), refused unless it is a text run's."""
+    if path.is_dir():
+        found = CheckpointDir(path / "checkpoints").newest_valid(set_aside=False, include_best=True)
+        if found is None:
+            raise CheckpointError(f"{path} holds no checkpoint that verifies: is it a trainkit run folder?")
+        path, payload = found
+    else:
+        payload = load_checkpoint(path)
+    if "tokenizer" not in payload.get("run_info", {}):
+        raise CheckpointError(f"{path} is not a --dataset text run's checkpoint (it stores no tokenizer)")
+    return path, payload
 
 
 def saved_settings(payload: dict[str, Any]) -> dict[str, Any]:

@@ -103,7 +103,9 @@ def schedule_spec(config: TrainConfig, steps_per_epoch: int, total_steps: int | 
     def steps(epochs: float | None) -> int | None:
         return None if epochs is None else max(1, round(epochs * steps_per_epoch))
 
-    if config.warmup is not None:
+    if config.warmup_steps is not None:
+        warmup = config.warmup_steps
+    elif config.warmup is not None:
         warmup = round(config.warmup * steps_per_epoch)
     else:
         total = total_steps or steps_per_epoch
@@ -258,6 +260,7 @@ class Trainer:
             lr=self.config.lr,
             weight_decay=self.config.weight_decay,
             momentum=self.config.momentum,
+            fused=self.config.fused_optimizer,
         )  # fmt: skip
         check_user_optimizer(self.optimizer, scheduler, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")

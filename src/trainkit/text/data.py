@@ -1,0 +1,148 @@
+"""A text file as token ids: the split, random training windows and whole-split validation.
+
+The split is by position, never shuffled across the boundary: the first ``1 - val_fraction``
+of the characters train (and train the tokenizer), the rest validates. Token ids live in one
+int32 tensor per split (4 bytes a token; the 4.3 MB KJV text is 17 MB of ids).
+
+Training batches (``RandomWindows``) are ``batch_size`` windows of ``block_size + 1`` tokens at
+random offsets, drawn for global batch b of epoch e from a generator seeded by (seed, e, b)
+alone: a resume at any step replays exactly the windows of an uninterrupted run, and under
+DDP every rank draws the same global batch and takes its slice. An "epoch" is as many
+windows as hold the training split's tokens once; a ``--max-steps`` budget usually ends first.
+
+Validation is the whole validation split cut into non-overlapping windows (the last
+``< block_size`` tokens, which fill no window, are left out), so ``val_loss`` is the mean
+loss per token over all of it, not an estimate from a few random batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from trainkit.batches import DeviceBatches, batch_seed, rank_slice
+from trainkit.errors import ConfigError, DataError
+from trainkit.text.tokenizers import Tokenizer, train_tokenizer
+
+
+@dataclass
+class TextData:
+    """A text run's data: the tokenizer and each split's ids (``val`` None with --val-fraction 0)."""
+
+    name: str
+    path: str
+    tokenizer: Tokenizer
+    train: Tensor
+    val: Tensor | None
+    test: None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def read_text(path: str | Path | None) -> str:
+    """A UTF-8 text file, or a one-line error saying what is wrong with it."""
+    if path is None:
+        raise ConfigError("--dataset text needs --data-file FILE (any UTF-8 text file)")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"--data-file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"--data-file {path} is not a regular file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"--data-file {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+                        f"convert it with e.g. iconv -t utf-8") from None  # fmt: skip
+    except OSError as exc:
+        raise DataError(f"cannot read --data-file {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise DataError(f"--data-file {path} holds no text")
+    return text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+
+
+def load_text(
+    path: str | Path | None,
+    *,
+    tokenizer: str = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    block_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> TextData:
+    """Read, split, train the tokenizer on the training part, and encode both parts."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    text = read_text(path)
+    cut = round(len(text) * (1.0 - val_fraction))
+    train_text, val_text = text[:cut], text[cut:]
+    tokens = train_tokenizer(tokenizer, train_text, vocab_size=vocab_size)
+    train = torch.from_numpy(tokens.encode(train_text)).to(device)
+    val = torch.from_numpy(tokens.encode(val_text)).to(device) if val_fraction > 0 else None
+    require_windows("training", train, block_size, "lower --block-size or use a longer --data-file")
+    if val is not None:
+        require_windows("validation", val, block_size, "raise --val-fraction or lower --block-size")
+    return TextData(name="text", path=str(path), tokenizer=tokens, train=train, val=val)
+
+
+def require_windows(split: str, ids: Tensor, block_size: int, fix: str) -> None:
+    if len(ids) < block_size + 1:
+        raise ConfigError(f"the {split} split has {len(ids)} tokens, fewer than one window of --block-size "
+                          f"{block_size} + 1; {fix}")  # fmt: skip
+
+
+class RandomWindows:
+    """Training batches of random windows, each global batch seeded by (seed, epoch, batch)."""
+
+    exact_resume = True  # epoch(n, start) is a pure function of (seed, n)
+
+    def __init__(
+        self, ids: Tensor, block_size: int, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if batch_size < world_size:
+            raise ConfigError(f"--batch-size {batch_size} is smaller than the {world_size} processes")
+        require_windows("training", ids, block_size, "lower --block-size")
+        self.ids, self.block_size, self.batch_size = ids, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.offsets = torch.arange(block_size + 1, device=ids.device)
+
+    def __len__(self) -> int:
+        """Batches per epoch: enough windows to hold the training tokens once."""
+        return max(1, (len(self.ids) - 1) // (self.block_size * self.batch_size))
+
+    def global_samples(self, start_batch: int, count: int) -> int:
+        return count * self.batch_size
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        lo, hi = rank_slice(0, self.batch_size, self.rank, self.world_size)
+        generator = torch.Generator(device=self.ids.device)
+        for batch in range(start_batch, len(self)):
+            generator.manual_seed(batch_seed(self.seed, epoch, batch))
+            starts = torch.randint(len(self.ids) - self.block_size, (self.batch_size,), generator=generator,
+                                   device=self.ids.device)[lo:hi]  # fmt: skip
+            windows = self.ids[starts[:, None] + self.offsets].long()
+            yield windows[:, :-1], windows[:, 1:]
+
+
+def window_pairs(ids: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Non-overlapping (input, next-token) windows covering ``ids`` except a tail shorter than a window."""
+    count = (len(ids) - 1) // block_size
+    inputs = ids[: count * block_size].view(count, block_size).long()
+    targets = ids[1 : count * block_size + 1].view(count, block_size).long()
+    return inputs, targets
+
+
+def validation_batches(ids: Tensor, block_size: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> DeviceBatches:
+    """The whole split in order, each rank its part (the metric sums are all-reduced)."""
+    inputs, targets = window_pairs(ids, block_size)
+    return DeviceBatches(inputs, targets, batch_size, shuffle=False, rank=rank, world_size=world_size, lockstep=False)
+
+
+def bits_per_token(nats: float) -> float:
+    return nats / math.log(2)
