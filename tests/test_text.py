@@ -322,3 +322,20 @@ def test_generate_refuses_a_checkpoint_of_an_image_run(synthetic_config, capsys)
     train_run(config)
     code, output = run_main(["generate", str(Path(config.out) / "checkpoints" / "best.pt")], capsys)
     assert code == EXIT_USAGE and "is not a --dataset text run's checkpoint" in output
+
+
+def test_two_processes_on_gloo_train_the_same_model_as_one(text_file, tmp_path):
+    from test_distributed import free_port
+
+    args = ["--dataset", "text", "--data-file", str(text_file), *TINY, "--max-steps", "12", "--precision", "fp32"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
+                "-m", "trainkit", "train"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_KILL") and k not in ("RANK", "WORLD_SIZE")}
+    env.update(TRAINKIT_OFFLINE="1", OMP_NUM_THREADS="1")
+    ddp = subprocess.run([*torchrun, *args, "--out", "ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240, check=False)  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = trainkit(tmp_path, *args, "--out", "single")
+    assert single.returncode == 0, single.stderr[-2000:]
+    losses = [json.loads((tmp_path / out / "summary.json").read_text())["val_loss"] for out in ("ddp", "single")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the same windows, split over ranks; sums in another order

@@ -56,8 +56,9 @@ from trainkit.trainer import Trainer, autocast_dtype, resolve_device, schedule_s
 
 log = logging.getLogger("trainkit")
 
-# Settings that may differ when resuming: where data lives and which device runs it.
-RESUMABLE_OVERRIDES = ("data_dir", "device", "out", "strategy")
+# Settings that may differ when resuming: where data lives (its content is checked by the fingerprint)
+# and which device runs it.
+RESUMABLE_OVERRIDES = ("data_dir", "data_file", "device", "out", "strategy")
 # The parts of the data fingerprint, by what an error calls them.
 FINGERPRINT_PARTS = {"dataset": "dataset", "train_images": "training images", "train_labels": "training labels",
                      "val_images": "validation images", "val_labels": "validation labels",
