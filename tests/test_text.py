@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SHARED_DATASETS
-from trainkit.cli import EXIT_USAGE, main
+from test_bad_input import run_main
+from test_distributed import free_port
+from trainkit.cli import EXIT_USAGE
 from trainkit.config import recipe_config
 from trainkit.errors import ConfigError
 from trainkit.init import GPT_STD, init_weights
@@ -37,15 +39,6 @@ def text_file(tmp_path_factory) -> Path:
     with open(KJV, encoding="utf-8") as source:
         path.write_text(source.read(60_000), encoding="utf-8")
     return path
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
 
 
 # ------------------------------------------------------------------ tokenizers
@@ -243,13 +236,15 @@ def test_lstm_trains_and_generates_from_its_run_folder(text_file, tmp_path, caps
     assert run_main(argv, capsys) == (0, first)
 
 
-def trainkit(cwd: Path, *args: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_KILL")}
+def trainkit(cwd: Path, *args: str, kill_at: str | None = None, processes: int = 1) -> subprocess.CompletedProcess:
+    """`trainkit train ARGS` in a fresh process (under torchrun with gloo when ``processes`` > 1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_KILL") and k not in ("RANK", "WORLD_SIZE")}
     env.update(TRAINKIT_OFFLINE="1", OMP_NUM_THREADS="1")
     if kill_at:
         env["TRAINKIT_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "trainkit", "train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=240, check=False)  # fmt: skip
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master-port", str(free_port())]
+    command = [sys.executable, *(launcher if processes > 1 else []), "-m", "trainkit", "train", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240, check=False)
 
 
 def test_a_text_run_resumes_bit_exactly_after_sigkill(text_file, tmp_path):
@@ -325,15 +320,8 @@ def test_generate_refuses_a_checkpoint_of_an_image_run(synthetic_config, capsys)
 
 
 def test_two_processes_on_gloo_train_the_same_model_as_one(text_file, tmp_path):
-    from test_distributed import free_port
-
     args = ["--dataset", "text", "--data-file", str(text_file), *TINY, "--max-steps", "12", "--precision", "fp32"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
-                "-m", "trainkit", "train"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_KILL") and k not in ("RANK", "WORLD_SIZE")}
-    env.update(TRAINKIT_OFFLINE="1", OMP_NUM_THREADS="1")
-    ddp = subprocess.run([*torchrun, *args, "--out", "ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=240, check=False)  # fmt: skip
+    ddp = trainkit(tmp_path, *args, "--out", "ddp", processes=2)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single = trainkit(tmp_path, *args, "--out", "single")
     assert single.returncode == 0, single.stderr[-2000:]

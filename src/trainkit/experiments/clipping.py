@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainkit.experiments.core import Cell, run_cells, summary_table, write_csv
-from trainkit.experiments.sequence import plot_traces, run_traced_cell, text_base_config, trace_row, unigram_entropy
+from trainkit.experiments.core import Cell, summary_table, write_csv
+from trainkit.experiments.sequence import plot_traces, setup_comparison, trace_row
 
 # name -> (clip_norm, clip_value)
 CLIPPING = {"none": (None, None), "norm 1": (1.0, None), "norm 5": (5.0, None), "value 0.1": (None, 0.1)}
@@ -41,13 +41,9 @@ def compare_clipping(
     **_: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run every cell (cached), then write results.csv, report.md and the gradient-norm plots."""
-    out_dir = Path(out_dir)
-    plan = QUICK if quick else FULL
-    seeds = tuple(seeds or plan["seeds"])
-    bases = {model: text_base_config(out_dir, data_file, quick=quick, steps=plan["steps"], model=model)
-             for model in plan["models"]}  # fmt: skip
-    unigram = unigram_entropy(bases["lstm"])
-    results = run_cells(clipping_cells(bases, plan, seeds), out_dir, lambda cell: run_traced_cell(cell, out_dir, unigram))
+    setting = setup_comparison(out_dir, quick=quick, seeds=seeds, data_file=data_file, full=FULL, quick_plan=QUICK)
+    out_dir, plan, seeds, bases = setting.out_dir, setting.plan, setting.seeds, setting.bases
+    results = setting.run(clipping_cells(bases, plan, seeds))
     rows = []
     for result in results:
         config = result["config"]
@@ -61,7 +57,7 @@ def compare_clipping(
                     ylabel=f"pre-clip gradient norm ({model})", label=lambda r: r["group"])  # fmt: skip
         plot_traces(chosen, out_dir / f"loss_{model}.png", field="losses", log_scale=False,
                     ylabel=f"training loss ({model})", label=lambda r: r["group"])  # fmt: skip
-    write_report(out_dir / "report.md", bases, rows, seeds, unigram, plan)
+    write_report(out_dir / "report.md", bases, rows, seeds, setting.unigram, plan)
     return rows
 
 

@@ -17,6 +17,8 @@ import os
 import shutil
 import statistics
 from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import torch
 from trainkit.callbacks import Callback, TrainState
 from trainkit.config import TrainConfig, recipe_config
 from trainkit.errors import ConfigError, NonFiniteLossError
-from trainkit.experiments.core import Cell, finish_plot, read_history
+from trainkit.experiments.core import Cell, finish_plot, read_history, run_cells
 from trainkit.plots import plt
 from trainkit.run import train_run
 from trainkit.text.data import read_text
@@ -66,6 +68,36 @@ def unigram_entropy(config: TrainConfig) -> float:
     train = text[: round(len(text) * (1 - config.val_fraction))]
     total = len(train)
     return -sum(n / total * math.log(n / total) for n in Counter(train).values())
+
+
+@dataclass
+class TextComparison:
+    """A sequence comparison's setting: its plan (full or --quick), seeds, the base run of each
+    model it trains, and the unigram entropy that separates learning from divergence."""
+
+    out_dir: Path
+    plan: dict[str, Any]
+    seeds: tuple[int, ...]
+    bases: dict[str, TrainConfig]
+    unigram: float
+
+    def run(self, cells: Sequence[Cell], runner: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Every cell through ``runner(cell, out_dir, unigram)`` (default run_traced_cell), cached."""
+        runner = runner or run_traced_cell
+        return run_cells(cells, self.out_dir, lambda cell: runner(cell, self.out_dir, self.unigram))
+
+
+def setup_comparison(
+    out_dir: str | Path, *, quick: bool, seeds: Sequence[int] | None, data_file: str | None, full: dict[str, Any],
+    quick_plan: dict[str, Any],
+) -> TextComparison:  # fmt: skip
+    """The plan's models (``plan["models"]``, default the Transformer) on the text recipe."""
+    out_dir = Path(out_dir)
+    plan = quick_plan if quick else full
+    models = plan.get("models", ("transformer",))
+    bases = {model: text_base_config(out_dir, data_file, quick=quick, steps=plan["steps"], model=model) for model in models}
+    first = next(iter(bases.values()))
+    return TextComparison(out_dir, plan, tuple(seeds or plan["seeds"]), bases, unigram_entropy(first))
 
 
 class StepTrace(Callback):

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from trainkit.experiments.clipping import describe_model
-from trainkit.experiments.core import Cell, run_cells, summary_table, write_csv
-from trainkit.experiments.sequence import plot_traces, run_traced_cell, text_base_config, trace_row, unigram_entropy
+from trainkit.experiments.core import Cell, summary_table, write_csv
+from trainkit.experiments.sequence import plot_traces, setup_comparison, trace_row
 from trainkit.text.models import SEQUENCE_NORMS
 
 FULL = {"steps": 500, "seeds": (0, 1), "models": ("transformer", "lstm")}
@@ -41,13 +41,9 @@ def compare_sequence_norm(
     **_: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run every cell (cached), then write results.csv, report.md and the loss plots."""
-    out_dir = Path(out_dir)
-    plan = QUICK if quick else FULL
-    seeds = tuple(seeds or plan["seeds"])
-    bases = {model: text_base_config(out_dir, data_file, quick=quick, steps=plan["steps"], model=model)
-             for model in plan["models"]}  # fmt: skip
-    unigram = unigram_entropy(bases["transformer"])
-    results = run_cells(norm_cells(bases, seeds), out_dir, lambda cell: run_traced_cell(cell, out_dir, unigram))
+    setting = setup_comparison(out_dir, quick=quick, seeds=seeds, data_file=data_file, full=FULL, quick_plan=QUICK)
+    out_dir, plan, seeds, bases = setting.out_dir, setting.plan, setting.seeds, setting.bases
+    results = setting.run(norm_cells(bases, seeds))
     rows = []
     for result in results:
         last = result["history"][-1] if result["history"] else {}
@@ -62,7 +58,7 @@ def compare_sequence_norm(
         chosen = [r for r in results if r["config"]["model"] == model]
         plot_traces(chosen, out_dir / f"loss_{model}.png", field="losses", log_scale=False,
                     ylabel=f"training loss ({model})", label=lambda r: r["config"]["norm"])  # fmt: skip
-    write_report(out_dir / "report.md", bases, rows, seeds, unigram, plan)
+    write_report(out_dir / "report.md", bases, rows, seeds, setting.unigram, plan)
     return rows
 
 

@@ -18,8 +18,8 @@ import torch
 
 from trainkit.components import build_model_from_config, load_training_data, seed_everything, training_batches
 from trainkit.config import TrainConfig
-from trainkit.experiments.core import Cell, finish_plot, run_cells, summary_table, write_csv
-from trainkit.experiments.sequence import run_traced_cell, text_base_config, trace_row, unigram_entropy
+from trainkit.experiments.core import Cell, finish_plot, summary_table, write_csv
+from trainkit.experiments.sequence import run_traced_cell, setup_comparison, trace_row
 from trainkit.plots import plt
 
 SCHEMES = ("gpt", "gpt_unscaled", "default", "xavier")
@@ -57,12 +57,9 @@ def compare_transformer_init(
     **_: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run every cell (cached), then write results.csv, report.md and the signal plot."""
-    out_dir = Path(out_dir)
-    plan = QUICK if quick else FULL
-    seeds = tuple(seeds or plan["seeds"])
-    base = text_base_config(out_dir, data_file, quick=quick, steps=plan["steps"])
-    unigram = unigram_entropy(base)
-    results = run_cells(init_cells(base, plan, seeds), out_dir, lambda cell: run_init_cell(cell, out_dir, unigram))
+    setting = setup_comparison(out_dir, quick=quick, seeds=seeds, data_file=data_file, full=FULL, quick_plan=QUICK)
+    out_dir, plan, seeds, base = setting.out_dir, setting.plan, setting.seeds, setting.bases["transformer"]
+    results = setting.run(init_cells(base, plan, seeds), run_init_cell)
     rows = []
     for result in results:
         stream = result["stream_std"]
@@ -72,7 +69,7 @@ def compare_transformer_init(
                      **trace_row(result, result["config"]["clip_norm"])})  # fmt: skip
     write_csv(out_dir / "results.csv", rows)
     plot_stream(results, max(plan["depths"]), out_dir / "residual_stream_std.png")
-    write_report(out_dir / "report.md", base, rows, seeds, unigram, plan)
+    write_report(out_dir / "report.md", base, rows, seeds, setting.unigram, plan)
     return rows
 
 

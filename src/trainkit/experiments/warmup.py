@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainkit.experiments.core import Cell, run_cells, summary_table, write_csv
-from trainkit.experiments.sequence import plot_traces, run_traced_cell, text_base_config, trace_row, unigram_entropy
+from trainkit.experiments.core import Cell, summary_table, write_csv
+from trainkit.experiments.sequence import plot_traces, setup_comparison, trace_row
 
 FULL = {"steps": 500, "lrs": (1e-3, 3e-3, 1e-2), "warmups": {"none": 0, "short": 30, "long": 150}, "seeds": (0, 1)}
 QUICK = {"steps": 30, "lrs": (3e-2,), "warmups": {"none": 0, "long": 10}, "seeds": (0,)}
@@ -41,12 +41,9 @@ def compare_warmup(
     **_: Any,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run every cell (cached), then write results.csv, report.md and the trace plots."""
-    out_dir = Path(out_dir)
-    plan = QUICK if quick else FULL
-    seeds = tuple(seeds or plan["seeds"])
-    base = text_base_config(out_dir, data_file, quick=quick, steps=plan["steps"])
-    unigram = unigram_entropy(base)
-    results = run_cells(warmup_cells(base, plan, seeds), out_dir, lambda cell: run_traced_cell(cell, out_dir, unigram))
+    setting = setup_comparison(out_dir, quick=quick, seeds=seeds, data_file=data_file, full=FULL, quick_plan=QUICK)
+    out_dir, plan, seeds, base = setting.out_dir, setting.plan, setting.seeds, setting.bases["transformer"]
+    results = setting.run(warmup_cells(base, plan, seeds))
     rows = [{"cell": r["group"], "norm_position": r["config"]["norm_position"], "lr": r["config"]["lr"],
              "warmup_steps": r["config"]["warmup_steps"], "seed": r["config"]["seed"],
              **trace_row(r, r["config"]["clip_norm"])} for r in results]  # fmt: skip
@@ -58,7 +55,7 @@ def compare_warmup(
                     log_scale=False, label=label)  # fmt: skip
         plot_traces(chosen, out_dir / f"grad_norm_{position}.png", field="grad_norms", log_scale=True,
                     ylabel=f"pre-clip gradient norm ({position}-norm)", label=label)  # fmt: skip
-    write_report(out_dir / "report.md", base, rows, seeds, unigram, plan)
+    write_report(out_dir / "report.md", base, rows, seeds, setting.unigram, plan)
     return rows
 
 
