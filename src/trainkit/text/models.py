@@ -12,7 +12,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 from torch.utils.checkpoint import checkpoint
 
 from trainkit.errors import ConfigError
@@ -26,7 +25,8 @@ NORM_POSITIONS = ("pre", "post")
 
 class TokenBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the channels of (B, T, C) activations, statistics over batch and time:
-    the norm the experiments show breaking for sequences (it mixes in later tokens' statistics)."""
+    in a causal model it mixes later tokens' statistics into every position (the sequence_norm
+    comparison measures what that does)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
