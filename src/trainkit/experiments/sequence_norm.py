@@ -23,6 +23,7 @@ from trainkit.text.models import SEQUENCE_NORMS
 
 FULL = {"steps": 500, "seeds": (0,), "models": ("transformer", "lstm")}
 QUICK = {"steps": 20, "seeds": (0,), "models": ("transformer",)}
+FINAL_STEPS = 50  # the training loss at the end: the mean of the last 50 steps' losses
 
 
 def norm_cells(bases: dict[str, Any], seeds: Sequence[int]) -> list[Cell]:
@@ -46,8 +47,7 @@ def compare_sequence_norm(
     results = setting.run(norm_cells(bases, seeds))
     rows = []
     for result in results:
-        last = result["history"][-1] if result["history"] else {}
-        train_loss = last.get("train_loss")
+        train_loss = final_training_loss(result["losses"])
         val = result["val_loss"]
         rows.append({"cell": result["group"], "model": result["config"]["model"], "norm": result["config"]["norm"],
                      "seed": result["config"]["seed"], "final_train_loss": "" if train_loss is None else round(train_loss, 4),
@@ -62,6 +62,12 @@ def compare_sequence_norm(
     return rows
 
 
+def final_training_loss(losses: list[float], steps: int = FINAL_STEPS) -> float | None:
+    """The mean training-mode loss of the last ``steps`` optimizer steps (None: no step ran)."""
+    tail = losses[-steps:]
+    return sum(tail) / len(tail) if tail else None
+
+
 def write_report(path: Path, bases: dict[str, Any], rows: list[dict[str, Any]], seeds: Sequence[int], unigram: float,
                  plan: dict[str, Any]) -> None:  # fmt: skip
     table = summary_table(rows, "cell", ("final_train_loss", "val_loss", "val_minus_train", "diverged", "max_grad_norm"))
@@ -74,8 +80,9 @@ def write_report(path: Path, bases: dict[str, Any], rows: list[dict[str, Any]], 
 {transformer.clip_norm}), {transformer.precision}, seeds {list(seeds)}. {models} (the Transformer pre-norm, the
 LSTM's norm on its outputs).
 
-`final_train_loss`: the training loss over the last steps (training mode: BatchNorm uses the batch's
-statistics); `val_loss`: the whole validation split in evaluation mode. `diverged`: NaN/inf, or a final
+`final_train_loss`: the mean loss of the last {FINAL_STEPS} training steps (training mode: BatchNorm normalises
+with the batch's own statistics, over every position of every window); `val_loss`: the whole validation
+split in evaluation mode (BatchNorm uses its running averages). `val_minus_train`: their difference. `diverged`: NaN/inf, or a final
 validation loss no better than the unigram entropy ({unigram:.3f} nats).
 
 {table}
