@@ -44,7 +44,7 @@ EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
 EXIT_UNVERIFIED = 1  # trainkit inspect: the checkpoint fails verification
 TEXT_COMPARISONS = ("warmup", "clipping", "transformer_init", "sequence_norm")  # train on --data-file
-COMPARISONS = ("schedules", "init", "norm", "regularization", *TEXT_COMPARISONS)  # modules of trainkit.experiments  # train the text Transformer/LSTM on --data-file
+COMPARISONS = ("schedules", "init", "norm", "regularization", *TEXT_COMPARISONS)  # modules of trainkit.experiments
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -148,7 +148,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--val-every-steps", type=int, help="also validate every N optimizer steps; 0 = epoch ends only (default 0)")
     flag("--schedule", choices=SCHEDULES, help="(default warmup_cosine)")
     flag("--warmup", type=float, help="epochs of linear warmup before the schedule (default 1 for warmup_cosine, else 0)")
-    flag("--warmup-steps", type=int, help="linear warmup in optimizer steps instead of --warmup (text default 100)")
+    flag("--warmup-steps", type=int, help="linear warmup in optimizer steps instead of --warmup (text default 75)")
     flag("--min-lr", type=float, help="lr floor of cosine/linear/cosine_restarts/onecycle/plateau (default 0)")
     flag("--step-epochs", type=float, help="step: epochs between decays (default a third of the run)")
     flag("--gamma", type=float, help="step/multistep decay factor (default 0.1)")
