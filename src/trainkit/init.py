@@ -207,9 +207,9 @@ def init_weights(
     Every Linear/Conv1d/Conv2d weight gets the scheme, their biases are zeroed, and
     BatchNorm/LayerNorm/GroupNorm/RMSNorm get weight 1, bias 0. The GPT schemes also draw
     embeddings from N(0, 0.02); ``gpt_unscaled`` skips the residual scaling (an experiment's
-    control). A head tied to an embedding shares its tensor: whichever is visited last wins. ``default`` leaves PyTorch's
-    own init untouched. ``mode`` applies to the kaiming schemes; ``nonlinearity``
-    overrides the one read from the model (for kaiming and for the gain of
+    control). A head tied to an embedding shares its tensor: whichever is visited last wins.
+    ``default`` leaves PyTorch's own init untouched. ``mode`` applies to the kaiming schemes;
+    ``nonlinearity`` overrides the one read from the model (for kaiming and for the gain of
     xavier/orthogonal).
     """
     scheme = canonical_scheme(scheme)
