@@ -1,4 +1,4 @@
-"""The four training loops compared in run.py, each doing the same work per epoch.
+"""The five training loops compared in run.py, each doing the same work per epoch.
 
 Same model (trainkit's builders, seeded), same data, AdamW (lr 1e-3, weight decay 0.01 on
 weights only), gradient clipping at norm 1.0, a per-step cosine schedule, and per-epoch train
@@ -9,6 +9,8 @@ b. ``dataloader``  - hand-written loop over DataLoader(TensorDataset)
 c. ``in_memory``   - hand-written loop slicing an in-memory tensor by a random permutation
                      (the practical lower bound in Python)
 d. ``lightning``   - Lightning's Trainer with a DataLoader (the idiomatic set-up)
+e. ``keras``       - Keras 3 on its torch backend: the same architecture in Keras layers,
+                     ``model.fit`` on arrays (benchmarks/keras_models.py)
 
 Each function trains one epoch from a fresh, seeded model and returns the epoch's
 seconds, measured inside the loop (model building and framework set-up excluded).
@@ -187,6 +189,20 @@ def lightning_loop(workload: Workload) -> float:
     return timer.seconds
 
 
+def keras_loop(workload: Workload) -> float:
+    """(e) Keras 3 (torch backend), as its documentation shows: Keras layers, compile, fit."""
+    from keras_models import EpochTimer, compiled, keras, keras_model
+
+    keras.utils.set_random_seed(0)
+    keras.mixed_precision.set_global_policy("float32")
+    schedule = keras.optimizers.schedules.CosineDecay(LR, decay_steps=workload.steps)
+    model = compiled(keras_model(workload.model, dropout=0.3), schedule, WEIGHT_DECAY, CLIP_NORM)
+    timer = EpochTimer()
+    x = workload.x.permute(0, 2, 3, 1).numpy()  # Keras' default layout: channels last
+    model.fit(x, workload.y.numpy(), batch_size=workload.batch_size, epochs=1, shuffle=True, verbose=0, callbacks=[timer])
+    return timer.seconds[-1]
+
+
 def quiet_lightning() -> None:
     """Lightning sets its loggers to INFO on import; its banners would drown the results."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
@@ -198,4 +214,5 @@ LOOPS = {
     "dataloader": dataloader_loop,
     "in_memory": in_memory_loop,
     "lightning": lightning_loop,
+    "keras": keras_loop,
 }

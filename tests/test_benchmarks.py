@@ -45,3 +45,33 @@ def test_each_round_runs_every_case_once_and_rotates_who_goes_first():
     assert all(sorted(order) == sorted((c.group, c.name) for c in cases) for order in orders)
     assert [order[0][1] for order in orders] == ["a", "b", "c"]
     assert [order[3][1] for order in orders] == ["a", "b", "c"]
+
+
+def test_recipe_goals_are_judged_on_mean_time_and_the_worst_seed():
+    from recipes import GOALS, table
+
+    def runs(accuracies, walls):
+        return [{"seed": i, "wall_s": w, "test_accuracy": a, "test_tta_accuracy": None}
+                for i, (a, w) in enumerate(zip(accuracies, walls))]  # fmt: skip
+
+    met = table({"mlp_fast": runs([0.986, 0.987, 0.985], [6.0, 7.0, 7.5])}).splitlines()[-1]
+    assert "98.60 ± 0.10% (98.50%)" in met and "6.8 ± 0.8" in met and met.endswith("| yes |")
+    one_bad_seed = table({"mlp_fast": runs([0.99, 0.99, 0.983], [6.0, 6.0, 6.0])}).splitlines()[-1]
+    assert one_bad_seed.endswith("| no |")  # mean 98.77% but a seed below 98.4%
+    too_slow = table({"cnn_fast": runs([0.992, 0.992], [11.0, 10.0])}).splitlines()[-1]
+    assert too_slow.endswith("| no |")
+    assert {goal.recipe for goal in GOALS} == {"mlp_fast", "mlp_best", "cnn_fast", "cnn_995", "cnn_best"}
+
+
+def test_lr_finder_goal_is_points_for_accuracy_and_a_relative_gap_for_losses():
+    from lr_finder_tasks import LRTask, best_of, table, within_goal
+
+    assert within_goal(0.981, 0.983, higher_is_better=True)  # 0.2 points below: within
+    assert not within_goal(0.9805, 0.983, higher_is_better=True)
+    assert within_goal(1.52, 1.50, higher_is_better=False)  # +1.3%
+    assert not within_goal(1.54, 1.50, higher_is_better=False)  # +2.7%
+    grid = [{"lr": 1e-3, "value": 1.6}, {"lr": 3e-3, "value": 1.5}, {"lr": 1e-2, "value": float("nan")}]
+    assert best_of(grid, higher_is_better=False)["lr"] == 3e-3  # a diverged lr is never the best
+    task = LRTask("lm", (), "val_loss", False)
+    row = table((task,), {"lm": {"grid": grid, "auto": {"lr": 2e-3, "value": 1.56}}}).splitlines()[-1]
+    assert "0.01 → diverged" in row and "+4.0%" in row and row.endswith("| no |")

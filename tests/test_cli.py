@@ -139,8 +139,9 @@ def test_train_with_lr_auto_uses_and_records_the_finder_suggestion(tmp_path, cap
     assert summary["test_accuracy"] > 0.5  # chance is 0.1
 
 
-@pytest.mark.parametrize("name", ["mlp_fast.toml", "cnn_fast.toml", "cnn_995.toml"])
-def test_shipped_recipe_configs_are_valid(name):
-    values = load_config_file(Path(__file__).resolve().parents[1] / "configs" / name)
+@pytest.mark.parametrize("name", ["mlp_fast", "mlp_best", "cnn_fast", "cnn_995", "cnn_best"])
+def test_shipped_recipe_configs_are_valid_and_name_their_model(name):
+    values = load_config_file(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
     config = config_from_dict(values).resolved()
     assert config.val_size == 0 and config.patience == 0 and config.schedule == "onecycle"
+    assert values["model"] == name.split("_")[0]  # an MLP recipe has no convolution

@@ -231,3 +231,18 @@ def test_mlp_norm_after_dropout_reorders_each_block():
     reordered = [type(m) for m in mlp(hidden=(8,), dropout=0.5, norm_after_dropout=True)]
     assert default == [tnn.Flatten, tnn.Linear, tnn.BatchNorm1d, tnn.ReLU, Dropout, tnn.Linear]
     assert reordered == [tnn.Flatten, tnn.Linear, tnn.ReLU, Dropout, tnn.BatchNorm1d, tnn.Linear]
+
+
+def test_the_cnn_channels_setting_builds_those_stages_and_is_refused_for_other_models():
+    from trainkit.components import build_architecture
+    from trainkit.config import TrainConfig
+    from trainkit.data import load_dataset
+
+    data = load_dataset("synthetic")
+    model = build_architecture(TrainConfig(dataset="synthetic", model="cnn", channels=[8, 16]).resolved(), data)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16]
+    with pytest.raises(ConfigError, match="--channels sets the cnn's conv stages; --model mlp has none"):
+        TrainConfig(dataset="synthetic", model="mlp", channels=[8]).resolved()
+    with pytest.raises(ConfigError, match="--channels must be a list of positive channel counts"):
+        TrainConfig(dataset="synthetic", model="cnn", channels=[]).resolved()

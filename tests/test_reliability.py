@@ -83,6 +83,24 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(kill_at, uninterru
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")], "temp files cleaned up"
 
 
+@pytest.mark.parametrize(
+    ("averaging", "kill_at"),
+    [(("--ema", "0.99"), "step:70"), (("--swa-start", "2", "--swa-lr", "0.0005", "--patience", "0"), "step:130")],
+    ids=["ema", "swa"],
+)
+def test_a_weight_averaged_run_killed_mid_epoch_resumes_exactly(averaging, kill_at, tmp_path):
+    """The average (and SWA's lr schedule) is in every checkpoint: after SIGKILL the resumed run
+    ends with the same weights and history as an uninterrupted one."""
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    assert trainkit(whole, *averaging).returncode == 0
+    assert trainkit(out, *averaging, kill_at=kill_at).returncode == -signal.SIGKILL
+    resumed = trainkit(out, *averaging, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(out)["model_sha256"] == summary(whole)["model_sha256"]
+    assert summary(out)["test_accuracy"] == summary(whole)["test_accuracy"]
+    assert history_values(out) == history_values(whole)
+
+
 def test_sigterm_saves_exits_with_the_documented_code_and_resumes_exactly(uninterrupted, tmp_path):
     out = tmp_path / "run"
     stopped = trainkit(out, kill_at="step:75", signal_name="TERM")

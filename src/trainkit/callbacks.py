@@ -40,9 +40,11 @@ class TrainState:
     (the same dict that is appended to ``history``: what a callback adds to it in
     ``on_validation_end``/``on_epoch_end`` is written to history.csv too). ``step_output`` is
     the last counted micro-batch's ``StepOutput`` (loss, outputs, targets), detached from the graph.
+    ``eval_model`` is what validation measures: the weight average under ``--ema``, else ``model``.
     """
 
     model: nn.Module
+    eval_model: nn.Module | None = None
     epoch: int = 0
     global_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -187,13 +189,14 @@ class EarlyStopping(Callback):
                 f"available: {', '.join(sorted(state.metrics))}"
             )
         value = state.metrics[self.monitor]
+        measured = state.eval_model if state.eval_model is not None else state.model  # the weights behind `value`
         if self.restore_best_weights and self.best_weights is None:
-            self.best_weights, self.best_epoch = clone_state_dict(state.model), state.epoch
+            self.best_weights, self.best_epoch = clone_state_dict(measured), state.epoch
         self.wait += 1
         if is_improvement(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch = value, state.epoch
             if self.restore_best_weights:
-                self.best_weights = clone_state_dict(state.model)
+                self.best_weights = clone_state_dict(measured)
             if self.baseline is None or is_improvement(value, self.baseline, self.mode, self.min_delta):
                 self.wait = 0
             return
@@ -204,6 +207,7 @@ class EarlyStopping(Callback):
             )
 
     def on_fit_end(self, state: TrainState) -> None:
+        """The best validation's weights (the EMA's under --ema) become the model's."""
         if self.restore_best_weights and self.best_weights is not None:
             state.model.load_state_dict(self.best_weights)
 

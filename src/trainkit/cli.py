@@ -36,9 +36,11 @@ from trainkit.distributed import STRATEGIES, env_rank
 from trainkit.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.factories import parse_key_values
 from trainkit.metrics import BUILTIN_METRICS
+from trainkit.optim import LR_SCALINGS
 from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
 from trainkit.text.models import NORM_POSITIONS
 from trainkit.text.tokenizers import TOKENIZERS
+from trainkit.tta import TTA_MODES
 
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
@@ -130,6 +132,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--tie-weights", action=argparse.BooleanOptionalAction,
          help="language models: the head shares the token embedding (default on)")
     flag("--hidden", type=int_list, help="MLP hidden widths, comma separated (default 256,128)")
+    flag("--channels", type=int_list, help="cnn: output channels of each conv stage, comma separated (default 32,64,128)")
     flag("--norm", help="batch, layer, group or none; rms too for transformer/lstm (default batch; text: layer)")
     flag("--dropout", type=float, help="dropout rate (default 0.3)")
     flag("--drop-path", type=float, help="residual_mlp: stochastic depth rate of the last block (default 0)")
@@ -162,6 +165,16 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--clip-norm", type=optional_positive, help="clip the gradient norm; 0 = off (default 1.0)")
     flag("--clip-value", type=optional_positive, help="clip each gradient element; 0 = off (default off)")
     flag("--accumulate", type=int, help="micro-batches per optimizer step (default 1)")
+    flag("--lr-scaling", choices=tuple(LR_SCALINGS),
+         help="scale --lr with the effective batch (batch x accumulate) against --lr-reference-batch (default off)")
+    flag("--lr-reference-batch", type=int, help="the effective batch --lr was chosen for (default 128)")
+    flag("--ema", type=float, help="average the weights: EMA with this decay every step, e.g. 0.999 (default off)")
+    flag("--swa-start", type=int, help="stochastic weight averaging of each epoch's end from this epoch (default off)")
+    flag("--swa-lr", type=float, help="SWA: the lr from --swa-start on, annealed to over one epoch (default: the schedule's)")
+    flag("--eval-average", action=argparse.BooleanOptionalAction,
+         help="validation, best.pt, the test and exports use the EMA/SWA average (default on)")
+    flag("--label-smoothing", type=float, help="cross-entropy label smoothing, e.g. 0.1 (default 0)")
+    flag("--tta", choices=TTA_MODES, help="also report the test with test-time augmentation: shifts (default off)")
     flag("--precision", choices=PRECISIONS, help="fp32, bf16 (CPU/CUDA) or fp16 (CUDA) (default fp32)")
     flag("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC conv layout (default: on for cnn)")
     flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")

@@ -85,6 +85,8 @@ def build_architecture(config: TrainConfig, data: RunData) -> nn.Module:
             options["norm_after_dropout"] = True
     if config.model == "residual_mlp":
         options["drop_path"] = config.drop_path
+    if config.model == "cnn" and config.channels is not None:
+        options["channels"] = tuple(config.channels)
     return build_model(config.model, data.input_shape, data.num_classes, **options)
 
 
@@ -220,7 +222,8 @@ def evaluation_data(config: TrainConfig, data: RunData, split: str, *, rank: int
 
 def build_run_task(config: TrainConfig) -> Task:
     """--task with --loss (a torch.nn loss class by name) and --metrics (built-in names)."""
-    return build_task(config.task, loss_fn=named_loss(config.loss), metrics=config.metrics)
+    return build_task(config.task, loss_fn=named_loss(config.loss), metrics=config.metrics,
+                      label_smoothing=config.label_smoothing)
 
 
 def dataset_digest(dataset: Any) -> str:

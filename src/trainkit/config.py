@@ -26,7 +26,9 @@ import yaml
 from trainkit.callbacks import monitor_direction
 from trainkit.distributed import STRATEGIES
 from trainkit.errors import ConfigError
-from trainkit.tasks import TASKS, build_task
+from trainkit.optim import LR_SCALINGS
+from trainkit.tasks import SMOOTHED_TASKS, TASKS, build_task
+from trainkit.tta import TTA_MODES
 
 TASK_NAMES = tuple(TASKS)
 
@@ -130,7 +132,16 @@ class TrainConfig:
     clip_norm: float | None = 1.0
     clip_value: float | None = None
     accumulate: int = 1
+    lr_scaling: str | None = None  # sqrt | linear: scale --lr by the effective batch's ratio to lr_reference_batch
+    lr_reference_batch: int = 128  # the effective batch (batch_size x accumulate) that --lr was chosen for
     precision: str = "fp32"
+    # weight averaging (trainkit.averaging) and label smoothing
+    ema: float | None = None  # decay of an exponential moving average of the weights, updated every step
+    swa_start: int | None = None  # stochastic weight averaging: average the weights at each epoch end from this epoch
+    swa_lr: float | None = None  # SWA: the lr from swa_start on (annealed to over one epoch); None: the schedule's
+    eval_average: bool = True  # validation, best.pt, the test and the exports use the EMA (SWA: the final weights)
+    label_smoothing: float = 0.0  # cross-entropy: the target class gets 1 - s, every class s / classes
+    tta: str | None = None  # test-time augmentation reported beside the plain test: "shifts" (trainkit.tta)
     # speed (each measured in benchmarks/; on only where it wins)
     channels_last: bool | None = None  # NHWC memory format for conv models; None: the model's recipe
     compile: bool = False  # torch.compile the model (slower on the MNIST models on CPU, see benchmarks)
@@ -156,6 +167,7 @@ class TrainConfig:
     strategy: str = "auto"  # single | ddp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
     out: str | os.PathLike | None = None
     hidden: list[int] = field(default_factory=lambda: [256, 128])
+    channels: list[int] | None = None  # cnn: output channels of each conv stage; None: 32,64,128
     # text (--dataset text; defaults: TEXT_RECIPES)
     data_file: str | os.PathLike | None = None  # any UTF-8 text file
     tokenizer: str = "char"  # char | byte | bpe (trained on the training split)
@@ -189,6 +201,7 @@ class TrainConfig:
             else self.warmup,
             attention_dropout=self.dropout if self.attention_dropout is None else self.attention_dropout,
             hidden=list(self.hidden),
+            channels=None if self.channels is None else list(self.channels),
             milestones=list(self.milestones),
             metrics=None if self.metrics is None else list(self.metrics),
             model_args=dict(self.model_args),
@@ -222,6 +235,7 @@ class TrainConfig:
         self._validate_numbers()
         self._validate_schedule()
         self._validate_monitor(loop_only)
+        self._validate_averaging(loop_only)
 
     def _validate_choices(self, loop_only: bool) -> None:
         if not loop_only:
@@ -232,6 +246,9 @@ class TrainConfig:
             ("strategy", STRATEGIES), ("anneal", ANNEALS),
         ):  # fmt: skip
             _require_choice(name, getattr(self, name), choices)
+        for name, choices in (("lr_scaling", tuple(LR_SCALINGS)), ("tta", TTA_MODES)):
+            if getattr(self, name) is not None:
+                _require_choice(name, getattr(self, name), choices)
         if self.fused_optimizer and self.optimizer != "adamw":
             raise ConfigError(f"--fused-optimizer is AdamW's fused kernel; --optimizer {self.optimizer} has none here")
         require_device(self.device)
@@ -249,6 +266,8 @@ class TrainConfig:
             if not is_factory_path(getattr(self, name)):
                 _require_choice(name, getattr(self, name), names, "or MODULE:FUNCTION for your own")
         sequence = self.model in SEQUENCE_MODELS
+        if self.channels is not None and self.model != "cnn":
+            raise ConfigError(f"--channels sets the cnn's conv stages; --model {self.model} has none (MLPs: --hidden)")
         for name, choices in (("norm", SEQUENCE_NORMS if sequence else NORMS), ("activation", ACTIVATIONS),
                               ("init", INIT_SCHEMES), ("tokenizer", TOKENIZERS), ("norm_position", NORM_POSITIONS)):  # fmt: skip
             _require_choice(name, getattr(self, name), choices)
@@ -280,16 +299,17 @@ class TrainConfig:
             _require_non_negative(name, getattr(self, name))
         for name in ("gamma", "plateau_factor", "pct_start", "rollback_lr_factor"):
             _require_open_unit_interval(name, getattr(self, name))
-        for name in ("dropout", "drop_path", "momentum", "val_fraction", "attention_dropout"):
+        for name in ("dropout", "drop_path", "momentum", "val_fraction", "attention_dropout", "label_smoothing"):
             if getattr(self, name) is not None:
                 _require_in_unit_interval(name, getattr(self, name))
-        for name in ("step_epochs", "restart_epochs", "memory_budget", "clip_norm", "clip_value"):
+        for name in ("step_epochs", "restart_epochs", "memory_budget", "clip_norm", "clip_value", "swa_lr"):
             if getattr(self, name) is not None:
                 _require_positive(name, getattr(self, name))
         if self.batch_size != "auto":
             _require_int_at_least("batch_size", self.batch_size, 1)
         for name in ("eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult", "epochs", "threads",
-                     "train_size", "max_steps", "block_size", "layers", "heads", "width"):  # fmt: skip
+                     "train_size", "max_steps", "block_size", "layers", "heads", "width", "swa_start",
+                     "lr_reference_batch"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 1)
         for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs", "checkpoint_every_steps",
                      "max_rollbacks", "max_skipped_steps", "plateau_patience", "num_workers", "val_every_steps",
@@ -302,6 +322,8 @@ class TrainConfig:
             raise ConfigError(f"--threads {self.threads} is more than the {cores} CPU cores here; use at most {cores}")
         if not self.hidden or any(h < 1 for h in self.hidden):  # types are checked already
             raise ConfigError(f"--hidden must be a list of positive layer widths, e.g. 256,128; got {self.hidden}")
+        if self.channels is not None and (not self.channels or any(c < 1 for c in self.channels)):
+            raise ConfigError(f"--channels must be a list of positive channel counts, e.g. 32,64,128; got {self.channels}")
 
     def _validate_schedule(self) -> None:
         """Schedule settings that cannot work over this run, refused in the epochs the user typed."""
@@ -336,6 +358,29 @@ class TrainConfig:
                     f"({warmup:g} epochs) and before the last epoch ({self.epochs})"
                 )
 
+    def _validate_averaging(self, loop_only: bool) -> None:
+        """EMA or SWA, each with settings that can take effect; label smoothing on a cross-entropy task."""
+        if self.ema is not None:
+            _require_open_unit_interval("ema", self.ema)
+            if self.swa_start is not None:
+                raise ConfigError("--ema and --swa-start are two ways to average the weights; choose one")
+        if self.swa_lr is not None and self.swa_start is None:
+            raise ConfigError("--swa-lr is the lr of stochastic weight averaging; give --swa-start EPOCH too")
+        if self.swa_start is not None and self.epochs is not None and self.swa_start > self.epochs:
+            raise ConfigError(f"--swa-start {self.swa_start} is after the last epoch ({self.epochs}): nothing "
+                              f"would be averaged; use an epoch in 1..{self.epochs}")  # fmt: skip
+        if self.swa_start is not None and self.patience > 0 and not loop_only:
+            raise ConfigError("--swa-start averages the last epochs, which early stopping's restore would replace; "
+                              "pass --patience 0")  # fmt: skip
+        if self.label_smoothing and self.task not in SMOOTHED_TASKS:
+            raise ConfigError(f"--label-smoothing applies to cross-entropy tasks ({', '.join(SMOOTHED_TASKS)}), "
+                              f"not --task {self.task}")  # fmt: skip
+        if self.label_smoothing and self.loss is not None:
+            raise ConfigError(f"--label-smoothing sets the task's own cross-entropy; --loss {self.loss} replaces "
+                              f"it (give the smoothing to your loss instead)")  # fmt: skip
+        if self.lr_scaling is not None and self.lr == "auto":
+            raise ConfigError("--lr auto finds the lr for this batch size itself; drop --lr-scaling")
+
     def _validate_monitor(self, loop_only: bool) -> None:
         """--monitor must be a metric the task logs (the Trainer checks against its own task instead)."""
         available = () if loop_only else build_task(self.task, metrics=self.metrics).monitorable(LOOP_MONITORABLE)
@@ -357,7 +402,8 @@ LOOP_FIELDS = (
     "optimizer", "fused_optimizer", "lr", "weight_decay", "momentum", "batch_size", "eval_batch_size", "num_workers", "epochs",
     "max_steps", "val_every_steps", "schedule", "warmup", "warmup_steps", "min_lr", "step_epochs", "gamma", "milestones",
     "pct_start", "anneal", "restart_epochs", "restart_mult", "plateau_patience", "plateau_factor", "clip_norm",
-    "clip_value", "accumulate", "precision", "channels_last", "compile", "monitor", "monitor_mode", "min_delta",
+    "clip_value", "accumulate", "lr_scaling", "lr_reference_batch", "ema", "swa_start", "swa_lr", "eval_average",
+    "label_smoothing", "precision", "channels_last", "compile", "monitor", "monitor_mode", "min_delta",
     "keep_checkpoints", "keep_every_epochs", "checkpoint_every_steps", "on_save_error", "on_nonfinite",
     "rollback_lr_factor", "max_rollbacks", "max_skipped_steps", "seed", "device", "strategy", "threads",
 )  # fmt: skip

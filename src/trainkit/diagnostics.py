@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainkit.layers import activation_name
-from trainkit.plots import plt
+from trainkit.plots import pyplot
 
 
 __all__ = ["Diagnostics", "LayerStats", "signal_diagnostics"]
@@ -96,6 +96,7 @@ class Diagnostics:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         _plot_log_series(ax, self.layers, "activation_std", "output std (every layer)", "o")
         _plot_log_series(ax, self.weight_layers(), "grad_norm", "weight grad norm (Linear/Conv)", "s")

@@ -9,6 +9,8 @@ must see it, not a 143 from a signal that arrived while the interpreter shut dow
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from typing import NoReturn
 
@@ -28,4 +30,14 @@ def entry_point() -> NoReturn:
             print(f"trainkit: {exc}; {exc.advice}", file=sys.stderr)
             status = EXIT_INTERRUPTED
     ignore_stop_signals()
-    sys.exit(status)
+    exit_without_teardown(status)
+
+
+def exit_without_teardown(status: int) -> NoReturn:
+    """Leave without the interpreter's module teardown, which takes ~1 s once the first optimizer
+    step has imported torch._dynamo (docs/benchmarks.md, "Recipes"). Every output is written and
+    synced by now; the exit handlers (logging's flush, multiprocessing's worker cleanup) still run."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status if isinstance(status, int) else 1)

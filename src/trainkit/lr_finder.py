@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from trainkit.errors import ConfigError, TrainkitError
-from trainkit.plots import plt
+from trainkit.plots import pyplot
 from trainkit.runtime import to_device
 from trainkit.tasks import Task
 
@@ -101,6 +101,7 @@ class LRFinderResult:
         """Write loss vs lr (log x-axis) with a marker per suggestion as a PNG; returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4.5))
         ax.plot(self.lrs, self.losses, color="tab:blue", alpha=0.25, linewidth=1, label="loss")
         ax.plot(self.lrs, self.smoothed_losses, color="tab:blue", linewidth=2, label="smoothed loss")

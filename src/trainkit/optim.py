@@ -15,6 +15,18 @@ from torch import nn
 from trainkit.errors import ConfigError
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+# How --lr follows the batch size: exponent of (effective batch / reference batch).
+LR_SCALINGS = {"sqrt": 0.5, "linear": 1.0}
+
+
+def batch_scaled_lr(lr: float, batch: int, reference: int, rule: str | None) -> float:
+    """The lr for ``batch`` when ``lr`` was chosen for ``reference``: linear (Goyal et al. 2017, for
+    SGD) or square-root scaling (the usual rule for Adam); ``rule`` None keeps ``lr``."""
+    if rule is None:
+        return lr
+    if rule not in LR_SCALINGS:
+        raise ConfigError(f"--lr-scaling must be one of {', '.join(LR_SCALINGS)}; got {rule!r}")
+    return lr * (batch / reference) ** LR_SCALINGS[rule]
 
 
 def split_decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

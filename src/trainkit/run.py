@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainkit import distributed
+from trainkit.averaging import evaluation_weights
 from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import (
     CheckpointDir, all_finite, load_checkpoint, model_sha256, state_dict_mismatch, verify_checkpoint,
@@ -37,6 +38,7 @@ from trainkit.components import (
     RunData, build_model_from_config, build_run_task, check_samples, data_fingerprint, evaluation_data,
     load_training_data, rows_of, seeded_data_and_model, training_batches,
 )  # fmt: skip
+from trainkit.data import DatasetSplits
 from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name, is_factory_path
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.faults import crash_point
@@ -52,6 +54,7 @@ from trainkit.text.data import TextData, bits_per_token
 from trainkit.text.generate import check_sampling, generate
 from trainkit.text.models import build_sequence_model
 from trainkit.text.tokenizers import tokenizer_from_state
+from trainkit.tta import ShiftAveraged, require_images
 from trainkit.trainer import Trainer, autocast_dtype, resolve_device, schedule_spec
 
 log = logging.getLogger("trainkit")
@@ -272,6 +275,7 @@ def _train_run(
         check_schedule(config, train_batches)
         task = build_run_task(config)
         check_samples(task, data)
+        check_tta(config, data, task)
         saved_config = json.dumps(config.to_dict(), indent=2) + "\n"  # as given: lr "auto" stays "auto"
         if main and not resume:  # every check that needs no training passed: only now does the folder hold a run
             write_atomically(out_dir / "config.json", saved_config)
@@ -301,10 +305,10 @@ def _train_run(
 
         test_data = evaluation_data(config, data, "test", **shard)
         test = trainer.evaluate(test_data) if test_data is not None else {}
-        summary = summarise(trainer, history, test, wall_seconds=time.perf_counter() - started)
+        tta = test_time_augmented(trainer, test_data, data) if config.tta and test_data is not None else {}
+        summary = summarise(trainer, history, test, tta, wall_seconds=time.perf_counter() - started)
         if isinstance(data, TextData):
-            restored = summary["final_weights"] != "last epoch"
-            summary.update(text_summary(trainer, history, evaluation_data(config, data, "val", **shard), restored))
+            summary.update(text_summary(trainer, history, evaluation_data(config, data, "val", **shard)))
         if finder is not None:
             summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
         if main:
@@ -322,14 +326,48 @@ def tokenizer_info(data: RunData) -> dict[str, Any]:
     return {"tokenizer": data.tokenizer.state_dict()} if isinstance(data, TextData) else {}
 
 
-def text_summary(trainer: Trainer, history: list[dict], val: Any, restored: bool) -> dict[str, float]:
+def test_time_augmented(trainer: Trainer, test_data: Any, data: RunData) -> dict[str, float]:
+    """The test metrics of the final model with --tta shifts (logits averaged over shifted views)."""
+    fill = float(data.train.x.min()) if isinstance(data, DatasetSplits) else 0.0  # the background, as --augment fills
+    return trainer.evaluate(test_data, model=ShiftAveraged(trainer.model, fill=fill))
+
+
+def check_tta(config: TrainConfig, data: RunData, task: Task) -> None:
+    """--tta shifts needs image inputs: refused before training, not after it."""
+    if config.tta is None:
+        return
+    if isinstance(data, TextData):
+        raise ConfigError("--tta shifts shifts images; --dataset text has none")
+    if isinstance(data, DatasetSplits):
+        require_images(data.train.x[:1])
+        return
+    try:
+        sample = data.train[0]
+    except (TypeError, IndexError, KeyError):
+        return  # an iterable dataset: checked on the first test batch
+    inputs = task.split(sample)[0]
+    require_images(inputs[None] if isinstance(inputs, torch.Tensor) else inputs)
+
+
+def weights_were_validated(trainer: Trainer) -> bool:
+    """Whether the final weights are the ones the last history row measured (not a restored
+    epoch's, not SWA's average)."""
+    stopper = early_stopping_of(trainer)
+    return not (trainer.swa_applied or (stopper is not None and stopper.best_weights is not None))
+
+
+def early_stopping_of(trainer: Trainer) -> EarlyStopping | None:
+    return next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+
+
+def text_summary(trainer: Trainer, history: list[dict], val: Any) -> dict[str, float]:
     """val_loss (mean nats per token over the whole validation split), in bits and as perplexity,
     for the final weights: the last history row when it measured them, else one more pass."""
     if val is None:
         return {}
     last = history[-1] if history else {}
     measured = {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")}
-    if "loss" not in measured or restored:  # early stopping restored another epoch's weights
+    if "loss" not in measured or not weights_were_validated(trainer):
         measured = trainer.evaluate(val)
     return {"val_loss": measured["loss"], "val_bits_per_token": bits_per_token(measured["loss"]),
             "val_perplexity": measured["perplexity"],
@@ -348,8 +386,12 @@ def describe_test(summary: dict) -> str:
         return f"val loss {summary['val_loss']:.4f} ({summary['val_bits_per_token']:.3f} bits/token)"
     if not tests:
         return "no test set"
-    others = ", ".join(f"{name} {value:.4f}" for name, value in tests.items() if name != "loss")
-    return f"test {others} (loss {tests['loss']:.4f})" if others else f"test loss {tests['loss']:.4f}"
+    plain = {name: value for name, value in tests.items() if not name.startswith("tta_")}
+    others = ", ".join(f"{name} {value:.4f}" for name, value in plain.items() if name != "loss")
+    text = f"test {others} (loss {plain['loss']:.4f})" if others else f"test loss {plain['loss']:.4f}"
+    augmented = ", ".join(f"{name.removeprefix('tta_')} {value:.4f}" for name, value in tests.items()
+                          if name.startswith("tta_") and name != "tta_loss")  # fmt: skip
+    return f"{text}; with test-time augmentation {augmented}" if augmented else text
 
 
 def save_failures_note(summary: dict) -> str:
@@ -408,15 +450,15 @@ def best_weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], str] | None
     try:
         payload = load_checkpoint(trainer.checkpoints.best_path)
         if payload["epoch"] == trainer.best_epoch:
-            return payload["model"], f"checkpoints/best.pt (epoch {trainer.best_epoch})"
+            return evaluation_weights(payload), f"checkpoints/best.pt (epoch {trainer.best_epoch})"
         problem = f"best.pt holds epoch {payload['epoch']}, not the best epoch {trainer.best_epoch} (saving it failed)"
     except CheckpointError as exc:
         problem = str(exc)
-    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    stopper = early_stopping_of(trainer)
     if stopper is not None and stopper.best_weights is not None and stopper.best_epoch == trainer.best_epoch:
         source = f"early stopping's copy of epoch {stopper.best_epoch}"
         weights = stopper.best_weights
-    elif stopper is None and trainer.state.epoch == trainer.best_epoch:
+    elif stopper is None and trainer.state.epoch == trainer.best_epoch and not trainer.swa_applied:
         source = f"the final weights (epoch {trainer.best_epoch}, the best)"
         weights = trainer.model.state_dict()
     else:
@@ -425,7 +467,7 @@ def best_weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], str] | None
             log.warning("%s, and no checkpoint verifies: best.safetensors is not written", problem)
             return None
         source = f"checkpoints/{found[0].name} (epoch {found[1]['epoch']}, the newest valid checkpoint)"
-        weights = found[1]["model"]
+        weights = evaluation_weights(found[1])
     log.warning("%s: best.safetensors holds %s instead", problem, source)
     return weights, source
 
@@ -505,15 +547,18 @@ def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
     return {**state, **{key: state[name] for key, name in tied.items()}}
 
 
-def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, wall_seconds: float) -> dict:
-    stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+def summarise(
+    trainer: Trainer, history: list[dict], test: dict[str, float], tta: dict[str, float], *, wall_seconds: float
+) -> dict:
+    stopper = early_stopping_of(trainer)
     restored = stopper is not None and stopper.best_weights is not None
     return {
         **{f"test_{name}": value for name, value in sorted(test.items(), key=lambda item: item[0] == "loss")},
+        **{f"test_tta_{name}": value for name, value in sorted(tta.items(), key=lambda item: item[0] == "loss")},
         "best_epoch": stopper.best_epoch if restored else trainer.best_epoch,
         "best_val_metric": stopper.best if restored else trainer.best_metric,
         "monitor": trainer.config.monitor,
-        "final_weights": "best epoch (restored by early stopping)" if restored else "last epoch",
+        "final_weights": trainer.describe_final_weights(stopper.best_epoch if restored else None),
         "epochs_run": len(history),
         "optimizer_steps": trainer.state.global_step,
         "stopped_early": trainer.state.stop_requested,
@@ -523,7 +568,7 @@ def summarise(trainer: Trainer, history: list[dict], test: dict[str, float], *, 
         "best_checkpoint": "checkpoints/best.pt" if has_best_checkpoint(trainer) else None,
         "wall_seconds": round(wall_seconds, 3),
         "model_sha256": model_sha256(trainer.model),
-        "lr": trainer.config.lr,
+        "lr": trainer.lr,
         "seed": trainer.config.seed,
         "torch_version": str(torch.__version__),
     }
@@ -548,7 +593,7 @@ def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device
     mismatch = state_dict_mismatch(model, payload["model"])
     if mismatch is not None:
         raise CheckpointError(f"{path}: its weights do not fit the model its settings describe ({mismatch})")
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(evaluation_weights(payload))
     trainer = Trainer(model, config, task=build_run_task(config))
     split = "test" if getattr(data, "test", None) is not None else "val"
     evaluated = evaluation_data(config, data, split)
@@ -578,7 +623,7 @@ def generate_from_checkpoint(
     mismatch = state_dict_mismatch(model, payload["model"])
     if mismatch is not None:
         raise CheckpointError(f"{path}: its weights do not fit the model its settings describe ({mismatch})")
-    model.load_state_dict(payload["model"])
+    model.load_state_dict(evaluation_weights(payload))
     model.to(resolve_device(device))
     return generate(model, tokenizer, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed,
                     context=config.block_size)  # fmt: skip

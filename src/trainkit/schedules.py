@@ -266,7 +266,7 @@ def _peak_lr(optimizer: Optimizer) -> float:
 
 
 # ------------------------------------------------------------------ lr scaling
-LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")  # param-group keys (OneCycleLR keeps max/min there)
+LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")  # param-group keys (OneCycleLR, SWALR keep theirs there)
 SCHEDULER_FLOOR_KEYS = ("eta_min",)  # cosine floors, absolute values held by the scheduler
 
 
@@ -348,7 +348,9 @@ def plot_schedules(
     specs: Sequence[ScheduleSpec | str], path: str | Path, *, lr: float, total_steps: int, log_scale: bool = False
 ) -> Path:
     """One PNG comparing the lr curves of ``specs`` over ``total_steps`` optimizer steps."""
-    from trainkit.plots import plt  # imported here: matplotlib is slow to import and rarely needed
+    from trainkit.plots import pyplot
+
+    plt = pyplot()
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -191,19 +191,34 @@ class Task:
         """Default: every target element (a mean-reduced loss averages over all of them)."""
         return targets.numel()
 
+def check_label_smoothing(value: Any, loss_fn: Callable | None) -> float:
+    """Label smoothing in [0, 1) for the task's own cross-entropy (a given loss_fn carries its own)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"label_smoothing must be a number in [0, 1), got {value!r}")
+    if value and loss_fn is not None:
+        raise ConfigError("label_smoothing sets the task's own cross-entropy; give the smoothing to your loss_fn instead")
+    return float(value)
+
+
 class Classification(Task):
-    """Cross-entropy over classes on dim 1 (also (N, C, d...) outputs with (N, d...) targets)."""
+    """Cross-entropy over classes on dim 1 (also (N, C, d...) outputs with (N, d...) targets).
+
+    ``label_smoothing`` (torch's): the target class gets 1 - s and every class s / classes; the
+    validation loss is the same smoothed loss, so compare accuracies across smoothing values."""
 
     name = "classification"
 
-    def __init__(self, loss_fn: Callable | None = None, *, top_k: int | None = None, **options: Any) -> None:
+    def __init__(
+        self, loss_fn: Callable | None = None, *, top_k: int | None = None, label_smoothing: float = 0.0, **options: Any
+    ) -> None:
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 2):
             raise ConfigError(f"top_k must be an integer >= 2 (top-1 accuracy is always reported), got {top_k!r}")
         self.top_k = top_k
+        self.label_smoothing = check_label_smoothing(label_smoothing, loss_fn)
         super().__init__(loss_fn, **options)
 
     def default_loss(self) -> Callable:
-        return nn.CrossEntropyLoss()
+        return nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
 
     def default_metrics(self) -> dict[str, Any]:
         from trainkit.metrics import Accuracy
@@ -257,12 +272,15 @@ class NextToken(Task):
 
     name = "next_token"
 
-    def __init__(self, loss_fn: Callable | None = None, *, ignore_index: int = -100, **options: Any) -> None:
+    def __init__(
+        self, loss_fn: Callable | None = None, *, ignore_index: int = -100, label_smoothing: float = 0.0, **options: Any
+    ) -> None:
         self.ignore_index = ignore_index
+        self.label_smoothing = check_label_smoothing(label_smoothing, loss_fn)
         super().__init__(loss_fn, **options)
 
     def default_loss(self) -> Callable:
-        return nn.CrossEntropyLoss(ignore_index=self.ignore_index)
+        return nn.CrossEntropyLoss(ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
 
     def default_metrics(self) -> dict[str, Any]:
         from trainkit.metrics import TokenAccuracy
@@ -284,11 +302,16 @@ class NextToken(Task):
 TASKS: dict[str, type[Task]] = {
     "classification": Classification, "multilabel": MultiLabel, "regression": Regression, "next_token": NextToken,
 }  # fmt: skip
+SMOOTHED_TASKS = ("classification", "next_token")  # the cross-entropy tasks: they take label_smoothing
 
 
-def build_task(name: str, **options: Any) -> Task:
+def build_task(name: str, *, label_smoothing: float = 0.0, **options: Any) -> Task:
     if name not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got {name!r}")
+    if label_smoothing:
+        if name not in SMOOTHED_TASKS:
+            raise ConfigError(f"label smoothing applies to {', '.join(SMOOTHED_TASKS)}, not the {name} task")
+        options["label_smoothing"] = label_smoothing
     return TASKS[name](**options)
 
 
@@ -298,19 +321,24 @@ def as_task(
     loss_fn: Callable | None = None,
     metrics: Mapping[str, Any] | list[str] | tuple[str, ...] | None = None,
     step: Callable | None = None,
+    label_smoothing: float = 0.0,
 ) -> Task:
     """The Trainer's task: a Task as given, or one built from a name (default: classification, or
     a plain Task around ``step`` when only a step function is given) with these options."""
     options = {"loss_fn": loss_fn, "metrics": metrics, "step": step}
     if isinstance(task, Task):
-        given = [name for name, value in options.items() if value is not None]
+        given = [name for name, value in options.items() if value is not None] + (["label_smoothing"] if label_smoothing else [])
         if given:
             raise ConfigError(f"pass {', '.join(given)} to the Task itself, not beside it")
         return task
+    if task is None and step is not None:
+        if label_smoothing:
+            raise ConfigError("label_smoothing sets a built-in task's cross-entropy; a step function computes its own loss")
+        return Task(**options)
     if task is None:
-        return Task(**options) if step is not None else Classification(**options)
+        task = "classification"
     if isinstance(task, str):
-        return build_task(task, **options)
+        return build_task(task, label_smoothing=label_smoothing, **options)
     raise ConfigError(f"task must be a trainkit Task or one of {', '.join(TASKS)}; got {type(task).__name__}")
 
 

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import trainkit
 from trainkit import distributed
+from trainkit.averaging import WeightAverage
 from trainkit.callbacks import Callback, EarlyStopping, TrainState, callback_keys, check_callbacks, is_improvement
 from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint, state_dict_mismatch
 from trainkit.config import DEFAULT_SKIP_FRACTION, LOOP_MONITORABLE, TrainConfig, require_device
@@ -50,7 +51,7 @@ from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, Tr
 from trainkit.faults import crash_point
 from trainkit.history import EpochMeter, HistoryFile, format_epoch
 from trainkit.lr_finder import LRFinderResult, lr_find
-from trainkit.optim import build_optimizer, check_user_optimizer
+from trainkit.optim import batch_scaled_lr, build_optimizer, check_user_optimizer
 from trainkit.rundir import holding_run_folder, remove_stale_temp_files
 from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
@@ -208,6 +209,8 @@ class Trainer:
 
     # Set by the out-of-memory back-off: micro-batches are cut to this size from then on.
     micro_batch_size: int | None = None
+    # Set when fit ends with SWA's average as the weights: no validation row measured them.
+    swa_applied: bool = False
 
     def __init__(
         self,
@@ -254,10 +257,11 @@ class Trainer:
         if self.config.threads is not None:
             torch.set_num_threads(self.config.threads)
         self.run_info = {**(run_info or {}), "world_size": self.world_size}  # resume needs the same
+        self.lr = scaled_lr(self.config)  # config.lr stays as given: checkpoints compare the settings typed
         self.optimizer = optimizer if optimizer is not None else build_optimizer(
             self.config.optimizer,
             self.model,
-            lr=self.config.lr,
+            lr=self.lr,
             weight_decay=self.config.weight_decay,
             momentum=self.config.momentum,
             fused=self.config.fused_optimizer,
@@ -266,10 +270,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
         self.user_scheduler = scheduler
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.swa_scheduler: torch.optim.swa_utils.SWALR | None = None  # replaces the schedule from --swa-start
+        self.average = weight_average(self.model, self.config)  # --ema / --swa-start (trainkit.averaging)
         self.train_batches: EpochBatches | None = None
         self.epochs, self.max_steps = self.config.epochs, self.config.max_steps  # fit() settles epochs from the data
         self._validated_this_epoch = False
-        self.state = TrainState(model=self.model)
+        self.state = TrainState(model=self.model, eval_model=self._validated_module())
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoints = (
             CheckpointDir(
@@ -322,12 +328,15 @@ class Trainer:
 
     def _fit(self, train: Any, val: Any, resume_from: str | Path | dict[str, Any] | None) -> list[dict[str, float]]:
         train = self.train_batches = self._training_batches(train)
-        steps_per_epoch = math.ceil(len(train) / self.config.accumulate)
+        steps_per_epoch = self.steps_per_epoch = math.ceil(len(train) / self.config.accumulate)
         if steps_per_epoch == 0:
             raise ConfigError("the training data yields no batch (is it empty, or smaller than one batch with drop_last?)")
         self.max_steps = self.config.max_steps
         # max_steps, when given, is the budget (as in Keras' steps and Hugging Face's max_steps)
         self.epochs = self.config.epochs if self.max_steps is None else math.ceil(self.max_steps / steps_per_epoch)
+        if self.config.swa_start is not None and self.config.swa_start > self.epochs:
+            raise ConfigError(f"--swa-start {self.config.swa_start} is after the run's last epoch ({self.epochs}); "
+                              f"use an epoch in 1..{self.epochs}")  # fmt: skip
         total_steps = steps_per_epoch * self.epochs if self.max_steps is None else self.max_steps
         self.scheduler = self.user_scheduler or build_scheduler(
             schedule_spec(self.config, steps_per_epoch, total_steps), self.optimizer, total_steps=total_steps
@@ -335,6 +344,7 @@ class Trainer:
         if self.max_skipped_steps is None:
             self.max_skipped_steps = max(1, math.ceil(DEFAULT_SKIP_FRACTION * steps_per_epoch))
         self._check_monitor(val)
+        self.state.eval_model = self._validated_module()
         if resume_from is not None:
             payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device)
             self.load_state_dict(payload)
@@ -353,6 +363,7 @@ class Trainer:
                 self._roll_back(bad.step)
         if self.state.stop_requested:
             log.info("%s", self.state.stop_reason)
+        self._finish_averaging()
         self._call("on_fit_end")
         self.model.eval()
         return self.state.history
@@ -409,16 +420,19 @@ class Trainer:
     def _run_epoch(self, train: EpochBatches, val: Any) -> None:
         state = self.state
         state.epoch += 1
+        self._start_swa_schedule_when_due()
         self._call("on_epoch_start")
         self._row_started = time.perf_counter()
         self._train_one_epoch(train, val)
+        if self.average is not None and self.average.kind == "swa" and state.epoch >= self.config.swa_start:
+            self.average.update(self.model)  # once per epoch: SWA averages the ends of epochs
         measured = bool(self._meter.steps or self._meter.skipped or not self._validated_this_epoch)
         if measured:  # not when the epoch stopped right after a --val-every-steps row
             self._measure_row(val)
         self._call("on_epoch_end")
         self._agree_on_stop()
         step_metric = getattr(self.scheduler, "step_metric", None)  # reduce-on-plateau
-        if step_metric is not None and self.config.monitor in state.metrics:
+        if step_metric is not None and self.swa_scheduler is None and self.config.monitor in state.metrics:
             step_metric(state.metrics[self.config.monitor])
         if measured:
             self._publish_row(state.metrics)  # after on_epoch_end: what a callback adds is kept
@@ -543,8 +557,13 @@ class Trainer:
             self._call("on_before_optimizer_step", grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.scheduler.step()
+            if self.average is not None and self.average.kind == "ema":
+                self.average.update(self.model)
+            self._step_schedule()
         return group_loss
+
+    def _step_schedule(self) -> None:
+        (self.swa_scheduler or self.scheduler).step()
 
     def _accumulate_gradients(
         self, group: list[Batch], global_samples: int | None
@@ -685,7 +704,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._buffers.restore()
         self._meter.skipped += 1
-        self.scheduler.step()
+        self._step_schedule()
         skipped = self._meter.skipped + sum(int(row.get("skipped_steps", 0)) for row in self.state.history)
         if skipped > self.max_skipped_steps:
             raise NonFiniteLossError(
@@ -750,16 +769,62 @@ class Trainer:
             step, source, self.state.global_step, target_scale, rollbacks, self.config.max_rollbacks,
         )  # fmt: skip
 
+    # ------------------------------------------------------- weight averaging
+    def _validated_module(self) -> nn.Module:
+        """What validation measures during training: the EMA (unless --no-eval-average), else the model.
+        SWA's average is measured only at the end, once its BatchNorm statistics are recomputed."""
+        if self.average is not None and self.average.kind == "ema" and self.config.eval_average:
+            return self.average.module
+        return self.model
+
+    def _start_swa_schedule_when_due(self) -> None:
+        """From --swa-start on, SWALR anneals the lr to --swa-lr over one epoch and holds it."""
+        if self.config.swa_lr is not None and self.swa_scheduler is None and self.state.epoch >= self.config.swa_start:
+            self.swa_scheduler = self._swa_schedule()
+
+    def _swa_schedule(self) -> torch.optim.swa_utils.SWALR:
+        return torch.optim.swa_utils.SWALR(self.optimizer, swa_lr=self.config.swa_lr * self.lr_scale,
+                                           anneal_epochs=self.steps_per_epoch, anneal_strategy="cos")  # fmt: skip
+
+    def _finish_averaging(self) -> None:
+        """The average becomes the final weights (what the test, predict and the exports see): the
+        EMA as it is, SWA after torch's update_bn over one pass of the training data."""
+        average = self.average
+        if average is not None and self.config.eval_average and average.updates > 0:
+            if average.kind == "swa":
+                self.swa_applied = True
+                batches = (to_device(b, self.device, self.memory_format) for b in self.train_batches.epoch(self.state.epoch + 1))
+                with self._autocast():
+                    average.refresh_batch_norm(batches, lambda module, batch: self.task.forward(module, self.task.split(batch)[0]))
+            self.model.load_state_dict(average.module.state_dict())
+        self.state.eval_model = self.model
+
+    def describe_final_weights(self, restored_epoch: int | None) -> str:
+        """What the final weights are, for the summary."""
+        average = self.average
+        if average is None or not self.config.eval_average or average.updates == 0:
+            what = "the weights"
+        elif average.kind == "ema":
+            what = f"the EMA of the weights (decay {self.config.ema:g})"
+        else:
+            what = f"the SWA average of epochs {self.config.swa_start}-{self.state.epoch} (BatchNorm statistics recomputed)"
+        when = "last epoch" if restored_epoch is None else f"best epoch {restored_epoch} (restored by early stopping)"
+        return f"{what} at the {when}"
+
     # -------------------------------------------------------------- evaluation
     @torch.inference_mode()
-    def evaluate(self, data: Any) -> dict[str, float]:
+    def evaluate(self, data: Any, model: nn.Module | None = None) -> dict[str, float]:
         """The task's loss and metrics in eval mode (BatchNorm running stats, no dropout).
 
-        ``data``: anything ``fit`` accepts. Under DDP each rank evaluates its shard with rank 0's
-        BatchNorm statistics and the sums are all-reduced, so every rank returns the same numbers.
+        ``data``: anything ``fit`` accepts. ``model``: what to evaluate (default: what validation
+        measures, the EMA under --ema; after fit, the final weights). Under DDP each rank evaluates
+        its shard with rank 0's BatchNorm statistics and the sums are all-reduced, so every rank
+        returns the same numbers.
         """
-        self.model.eval()
-        distributed.broadcast_buffers(self.model)
+        module = self.state.eval_model if model is None else model
+        forward = self.eval_forward if module is self.model else module
+        module.eval()
+        distributed.broadcast_buffers(module)
         metrics = self.task.new_metrics()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         weight: Any = 0
@@ -768,7 +833,7 @@ class Trainer:
             batch = to_device(batch, self.device, self.memory_format)
             count = self.task.samples(batch)
             with self._autocast():
-                output = self.task.step(self.eval_forward, batch)
+                output = self.task.step(forward, batch)
                 loss_sum += output.loss.double() * count
             if output.outputs is not None and output.targets is not None:
                 metrics.update(output.outputs, output.targets)
@@ -833,6 +898,8 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "swa_scheduler": self.swa_scheduler.state_dict() if self.swa_scheduler is not None else None,
+            "average": self.average.state_dict() if self.average is not None else None,
             "scaler": self.scaler.state_dict(),
             "epoch": self.state.epoch,
             "position": position,
@@ -886,6 +953,13 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
+        self.swa_scheduler = None
+        if payload.get("swa_scheduler") is not None:
+            self.swa_scheduler = self._swa_schedule()
+            self.swa_scheduler.load_state_dict(payload["swa_scheduler"])
+        if self.average is not None:  # a checkpoint without one (--force-resume adding --ema): start afresh
+            fresh = {"kind": self.average.kind, "updates": 0, "weights": payload["model"]}
+            self.average.load_state_dict(payload.get("average") or fresh)
         self.scaler.load_state_dict(payload["scaler"])
         position = payload["position"]
         if position is not None and own is not None:
@@ -994,15 +1068,40 @@ class Trainer:
             getattr(callback, hook)(self.state, *args)
 
 
+def scaled_lr(config: TrainConfig) -> float:
+    """--lr, scaled by --lr-scaling for the effective batch (batch_size x accumulate, global under DDP)."""
+    if config.lr_scaling is None:
+        return config.lr
+    if config.batch_size == "auto":
+        raise ConfigError("--lr-scaling needs the batch size; --batch-size auto is only known later: give a number")
+    batch = config.batch_size * config.accumulate
+    lr = batch_scaled_lr(config.lr, batch, config.lr_reference_batch, config.lr_scaling)
+    log.info("--lr-scaling %s: lr %g for batch %d -> %g for the effective batch %d",
+             config.lr_scaling, config.lr, config.lr_reference_batch, lr, batch)  # fmt: skip
+    return lr
+
+
+def weight_average(model: nn.Module, config: TrainConfig) -> WeightAverage | None:
+    if config.ema is not None:
+        return WeightAverage(model, kind="ema", ema_decay=config.ema)
+    if config.swa_start is not None:
+        return WeightAverage(model, kind="swa")
+    return None
+
+
 def trainer_task(config: TrainConfig, task: Task | str | None, loss_fn: Any, metrics: Any, step: Any) -> Task:
     """The given Task; else one built from the arguments, falling back on the config's task, loss
     and metrics (what ``--task``/``--loss``/``--metrics`` set), so TrainConfig(task="regression") holds."""
     if isinstance(task, Task):
+        if config.label_smoothing != getattr(task, "label_smoothing", 0.0):
+            raise ConfigError(f"the config's label_smoothing {config.label_smoothing:g} is not the given task's "
+                              f"{getattr(task, 'label_smoothing', 0.0):g}: set it on the task, or in the config alone")  # fmt: skip
         return as_task(task, loss_fn=loss_fn, metrics=metrics, step=step)
     if task is None and not (step is not None and config.task == "classification"):
         task = config.task
     return as_task(task, loss_fn=loss_fn if loss_fn is not None else named_loss(config.loss),
-                   metrics=metrics if metrics is not None else config.metrics, step=step)  # fmt: skip
+                   metrics=metrics if metrics is not None else config.metrics, step=step,
+                   label_smoothing=config.label_smoothing)  # fmt: skip
 
 
 def warn_about_recipe_settings(config: TrainConfig, callbacks: Sequence[Callback]) -> None:
