@@ -121,8 +121,8 @@ def test_lr_find_writes_curve_suggestions_and_plot(tmp_path, capsys):
     out = tmp_path / "find"
     assert main(["lr-find", "--dataset", "synthetic", "--device", "cpu", "--num-iter", "60", "--out", str(out)]) == 0
     found = json.loads((out / "lr_find.json").read_text())
-    assert set(found["suggestions"]) == {"steepest", "minimum_div_10", "valley"}
-    assert found["suggested_lr"] == found["suggestions"]["minimum_div_10"]
+    assert set(found["suggestions"]) == {"between", "steepest", "minimum_div_10", "valley"}
+    assert found["suggested_lr"] == found["suggestions"]["between"]
     assert 1e-7 <= found["suggested_lr"] <= 10
     assert len(found["lrs"]) == len(found["losses"]) == len(found["smoothed_losses"]) <= 60
     assert (out / "lr_find.png").stat().st_size > 0

@@ -261,11 +261,13 @@ def test_divergence_stops_early_and_suggestions_stay_below_it(data):
     assert 10 < len(result.losses) < 100
     assert result.smoothed_losses[-1] > 4 * min(result.smoothed_losses)
     diverged_at = result.lrs[-1]
-    assert set(result.suggestions) == {"steepest", "minimum_div_10", "valley"}
+    assert set(result.suggestions) == {"between", "steepest", "minimum_div_10", "valley"}
     for name, lr in result.suggestions.items():
         assert start_lr <= lr <= end_lr, name
         assert lr < diverged_at, name
-    assert result.suggested_lr == result.suggestions["minimum_div_10"]
+    assert result.suggested_lr == result.suggestions["between"]
+    between = result.suggestions["between"]
+    assert between == pytest.approx(math.sqrt(result.suggestions["steepest"] * result.suggestions["minimum_div_10"]))
     second = make_model()
     other = lr_find(second, make_optimizer(second), batches_of(data), nn.CrossEntropyLoss(),
                     start_lr=start_lr, end_lr=end_lr, num_iter=100, rule="valley")  # fmt: skip

@@ -23,8 +23,11 @@ which show the divergence rather than the useful range, are ignored)
                         (most negative ``np.gradient`` w.r.t. log10(lr)), skipping the
                         noisy first 10% of points; the classic recipe.
     ``minimum_div_10``  the lr of the lowest smoothed loss, divided by 10: the minimum
-                        itself is already too close to divergence (Smith's rule; the
-                        default pick, see ``lr_find(rule=...)``).
+                        itself is already too close to divergence (Smith's rule).
+    ``between``         the geometric mean of ``steepest`` and ``minimum_div_10``: halfway
+                        between them on the log axis (the default pick, see
+                        ``lr_find(rule=...)``; measured on five tasks in docs/lr_finder.md,
+                        where each of the two alone misses on some).
     ``valley``          fastai's rule: the longest valley is the longest
                         decreasing subsequence of the smoothed loss; the suggestion is the
                         point in the middle of its middle third (index
@@ -137,7 +140,8 @@ class LRFinderResult:
 
 # ------------------------------------------------------------------------------ the sweep
 
-SUGGESTION_RULES = ("minimum_div_10", "steepest", "valley")
+SUGGESTION_RULES = ("between", "minimum_div_10", "steepest", "valley")
+DEFAULT_RULE = "between"  # docs/lr_finder.md, "Across tasks": the only rule near the grid's best on every task
 
 
 def lr_find(
@@ -155,12 +159,12 @@ def lr_find(
     accumulate: int = 1,
     precision: str = "fp32",
     device: torch.device | str | None = None,
-    rule: str = "minimum_div_10",
+    rule: str = DEFAULT_RULE,
 ) -> LRFinderResult:
     """Run the LR range test and suggest a learning rate; the model and optimizer end as they began.
 
-    ``rule`` picks ``suggested_lr`` among the suggestions. The default, Smith's "minimum / 10",
-    measured best of the three for the default MNIST MLP (docs/lr_finder.md).
+    ``rule`` picks ``suggested_lr`` among the suggestions (see the module docstring; the default
+    is the one measured closest to a grid search's best lr across tasks, docs/lr_finder.md).
 
     Step ``i`` of ``num_iter`` sets every param group's lr to ``sweep_lrs(...)[i]`` and makes
     one optimizer step over ``accumulate`` micro-batches (each micro-batch's mean loss weighted
@@ -398,11 +402,13 @@ def smooth_losses(losses: Iterable[float], beta: float = 0.98) -> list[float]:
 
 
 def suggest_lrs(lrs: list[float], smoothed: list[float], *, stopped_early: bool = False) -> dict[str, float]:
-    """All three suggestions; after an early stop the divergent tail is left out first."""
+    """Every rule's suggestion; after an early stop the divergent tail is left out first."""
     lrs, smoothed = _usable_curve(lrs, smoothed, stopped_early)
+    steepest, minimum_div_10 = suggest_steepest(lrs, smoothed), suggest_minimum_div_10(lrs, smoothed)
     return {
-        "steepest": suggest_steepest(lrs, smoothed),
-        "minimum_div_10": suggest_minimum_div_10(lrs, smoothed),
+        "between": math.sqrt(steepest * minimum_div_10),
+        "steepest": steepest,
+        "minimum_div_10": minimum_div_10,
         "valley": suggest_valley(lrs, smoothed),
     }
 
