@@ -10,28 +10,19 @@ Prints one JSON line: test accuracy and the seconds spent inside the process.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 
 STARTED = time.perf_counter()
 
 from keras_models import OneCycle, compiled, keras, keras_model  # noqa: E402
+from time_to_accuracy import recipe_parser  # noqa: E402
 
 from trainkit.data import load_dataset  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    parser.add_argument("--data-dir", default=os.environ.get("TRAINKIT_DATA_DIR"))
-    args = parser.parse_args()
+    args = recipe_parser("bf16", ("fp32", "bf16")).parse_args()
     keras.utils.set_random_seed(0)
     if args.precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -10,10 +10,8 @@ Prints one JSON line: test accuracy and the seconds spent inside the process.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import time
 
 STARTED = time.perf_counter()
@@ -23,6 +21,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from time_to_accuracy import recipe_parser  # noqa: E402
 from trainkit.data import load_dataset  # noqa: E402
 from trainkit.init import init_weights  # noqa: E402
 from trainkit.models import build_model  # noqa: E402
@@ -54,15 +53,7 @@ class Classifier(L.LightningModule):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision: 32-true, bf16-mixed")
-    parser.add_argument("--data-dir", default=os.environ.get("TRAINKIT_DATA_DIR"))
-    args = parser.parse_args()
+    args = recipe_parser("bf16-mixed", ("32-true", "bf16-mixed")).parse_args()  # Lightning's precision names
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
     L.seed_everything(0, verbose=False)

@@ -39,6 +39,19 @@ MLP_RECIPE = ["--model", "mlp", "--epochs", "4", "--batch-size", "512", "--lr", 
 CNN_RECIPE = ["--model", "cnn", "--epochs", "1", "--batch-size", "256", "--lr", "0.01", "--dropout", "0.3"]
 
 
+def recipe_parser(precision_default: str, precisions: tuple[str, ...]) -> argparse.ArgumentParser:
+    """The flags the Lightning and Keras scripts share (their defaults: the MLP recipe above)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--precision", default=precision_default, choices=precisions)
+    parser.add_argument("--data-dir", default=os.environ.get("TRAINKIT_DATA_DIR"))
+    return parser
+
+
 def entries(data_dir: str) -> list[Entry]:
     py = sys.executable
     trainkit = [py, "-m", "trainkit", "train", "--data-dir", data_dir, "--out", "{out}", "--schedule", "onecycle",
