@@ -790,7 +790,7 @@ class Trainer:
         """The average becomes the final weights (what the test, predict and the exports see): the
         EMA as it is, SWA after torch's update_bn over one pass of the training data."""
         average = self.average
-        if average is not None and self.config.eval_average and average.updates > 0:
+        if self._average_is_final():
             if average.kind == "swa":
                 self.swa_applied = True
                 batches = (to_device(b, self.device, self.memory_format) for b in self.train_batches.epoch(self.state.epoch + 1))
@@ -799,12 +799,15 @@ class Trainer:
             self.model.load_state_dict(average.module.state_dict())
         self.state.eval_model = self.model
 
+    def _average_is_final(self) -> bool:
+        """Whether fit ends with the weight average as the model's weights."""
+        return self.average is not None and self.config.eval_average and self.average.updates > 0
+
     def describe_final_weights(self, restored_epoch: int | None) -> str:
         """What the final weights are, for the summary."""
-        average = self.average
-        if average is None or not self.config.eval_average or average.updates == 0:
+        if not self._average_is_final():
             what = "the weights"
-        elif average.kind == "ema":
+        elif self.average.kind == "ema":
             what = f"the EMA of the weights (decay {self.config.ema:g})"
         else:
             what = f"the SWA average of epochs {self.config.swa_start}-{self.state.epoch} (BatchNorm statistics recomputed)"
