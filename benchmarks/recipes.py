@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,11 +43,12 @@ GOALS = (
 )
 
 
-def run_once(recipe: str, seed: int, data_dir: str) -> dict:
+def run_once(recipe: str, seed: int, data_dir: str, flags: Sequence[str] = ()) -> dict:
+    """One whole `trainkit train` process of configs/<recipe>.toml (with extra ``flags``), timed from outside."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         command = [sys.executable, "-m", "trainkit", "train", "--config", f"configs/{recipe}.toml", "--seed", str(seed),
-                   "--data-dir", data_dir, "--out", str(out)]  # fmt: skip
+                   "--data-dir", data_dir, "--out", str(out), *flags]  # fmt: skip
         started = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True, text=True)
         wall = time.perf_counter() - started

@@ -75,3 +75,28 @@ def test_lr_finder_goal_is_points_for_accuracy_and_a_relative_gap_for_losses():
     task = LRTask("lm", (), "val_loss", False)
     row = table((task,), {"lm": {"grid": grid, "auto": {"lr": 2e-3, "value": 1.56}}}).splitlines()[-1]
     assert "0.01 → diverged" in row and "+4.0%" in row and row.endswith("| no |")
+
+
+def test_the_startup_split_is_differences_of_whole_processes_that_add_up(monkeypatch):
+    import frontier
+
+    walls = {"pass": 0.1, "import torch": 1.5, "import torch, torch._dynamo": 3.0}
+    monkeypatch.setattr(frontier, "wall_of", lambda command: walls[command[-1]])
+    monkeypatch.setattr(frontier, "run_once", lambda recipe, seed, data_dir, flags=(): {"wall_s": 5.0 if flags else 9.5})
+    parts = frontier.startup_parts("data", rounds=3)
+    assert list(parts.values()) == pytest.approx([0.1, 1.4, 1.5, 2.0, 4.5, 9.5])
+    assert sum(list(parts.values())[:-1]) == pytest.approx(parts["whole process"])
+
+
+@pytest.mark.parametrize("recipe", ["mlp_fast", "cnn_fast", "cnn_995"])
+def test_every_frontier_variant_is_a_valid_command_line(recipe):
+    from frontier import FLOOR_FLAGS, FRONTIERS
+
+    from trainkit.cli import build_parser, train_config_from_args
+
+    root = Path(__file__).resolve().parents[1]
+    for _, flags in FRONTIERS[recipe] + [("floor", FLOOR_FLAGS)]:
+        args = build_parser().parse_args(["train", "--config", str(root / "configs" / f"{recipe}.toml"), *flags])
+        config, given = train_config_from_args(args)
+        named = {flag.removeprefix("--").replace("-", "_") for flag in flags if flag.startswith("--")}
+        assert config.resolved().model == recipe.split("_")[0] and named <= set(given)

@@ -13,6 +13,7 @@ from trainkit.layers import (
     activation_layer,
     activation_name,
     group_count,
+    keep_mask,
     norm_layer,
 )
 
@@ -196,13 +197,23 @@ def test_residual_forward_adds_body_output():
 def test_dropout_keeps_1_minus_p_scales_by_its_inverse_and_passes_the_mask_to_the_gradient():
     torch.manual_seed(0)
     layer = Dropout(0.3).train()
-    inputs = torch.ones(400, 500, requires_grad=True)
+    inputs = torch.ones(401, 499, requires_grad=True)  # not a multiple of the 4 masks per draw
     out = layer(inputs)
     kept = out != 0
+    keep_probability = 1 - round(0.3 * 65536) / 65536  # p rounded to 16 bits
     assert kept.float().mean().item() == pytest.approx(0.7, abs=0.005)
-    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / keep_probability))
     out.sum().backward()
-    torch.testing.assert_close(inputs.grad, kept.float() / 0.7)
+    torch.testing.assert_close(inputs.grad, kept.float() / keep_probability)
+
+
+def test_each_of_the_four_masks_cut_from_one_64_bit_draw_keeps_1_minus_p():
+    torch.manual_seed(1)
+    keep, probability = keep_mask(torch.Size([4 * 50_000]), 0.5, torch.device("cpu"))
+    assert probability == 0.5
+    by_position = keep.view(-1, 4).float().mean(dim=0)  # position 3 holds the draw's sign bit
+    torch.testing.assert_close(by_position, torch.full((4,), 0.5), atol=0.01, rtol=0)
+    assert keep_mask(torch.Size([3, 5]), 1 - 1e-9, torch.device("cpu"))[1] == 1 / 65536  # never 0
 
 
 def test_dropout_is_identity_in_eval_keeps_bf16_and_is_an_nn_dropout():

@@ -31,6 +31,14 @@ def test_run_writes_every_artifact_and_learns(synthetic_config, tmp_path):
     assert json.loads((out / "config.json").read_text())["epochs"] == 3
 
 
+def test_plots_off_writes_no_pngs_and_the_same_weights_and_may_change_on_resume(synthetic_config, tmp_path):
+    plotted = train_run(synthetic_config(out=str(tmp_path / "plotted"), epochs=2))
+    bare = train_run(synthetic_config(out=str(tmp_path / "bare"), epochs=2, plots=False))
+    assert not list((tmp_path / "bare").glob("*.png")) and (tmp_path / "bare" / "summary.json").is_file()
+    assert bare["model_sha256"] == plotted["model_sha256"]
+    assert resume_config(tmp_path / "bare", {"plots": True}).plots is True  # not a different run
+
+
 def test_same_seed_same_weights_different_seed_different(synthetic_config, tmp_path):
     a = train_run(synthetic_config(out=str(tmp_path / "a")))
     b = train_run(synthetic_config(out=str(tmp_path / "b")))

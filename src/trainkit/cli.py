@@ -199,6 +199,7 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     flag("--strategy", choices=STRATEGIES,
          help="single, ddp (data parallel; launch with torchrun --nproc_per_node N) or auto: ddp under torchrun")
     flag("--out", help="output directory (default runs/<dataset>-<model>-<time>)")
+    flag("--plots", action=argparse.BooleanOptionalAction, help="write loss/metric/lr PNGs at the end (default on)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -166,6 +166,7 @@ class TrainConfig:
     device: str = "auto"
     strategy: str = "auto"  # single | ddp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
     out: str | os.PathLike | None = None
+    plots: bool = True  # the loss/metric/lr PNGs at the end: ~1 s, most of it importing matplotlib
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     channels: list[int] | None = None  # cnn: output channels of each conv stage; None: 32,64,128
     # text (--dataset text; defaults: TEXT_RECIPES)

@@ -61,7 +61,7 @@ log = logging.getLogger("trainkit")
 
 # Settings that may differ when resuming: where data lives (its content is checked by the fingerprint)
 # and which device runs it.
-RESUMABLE_OVERRIDES = ("data_dir", "data_file", "device", "out", "strategy")
+RESUMABLE_OVERRIDES = ("data_dir", "data_file", "device", "out", "plots", "strategy")
 # The parts of the data fingerprint, by what an error calls them.
 FINGERPRINT_PARTS = {"dataset": "dataset", "train_images": "training images", "train_labels": "training labels",
                      "val_images": "validation images", "val_labels": "validation labels",
@@ -312,7 +312,7 @@ def _train_run(
         if finder is not None:
             summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
         if main:
-            write_outputs(trainer, history, summary, out_dir)
+            write_outputs(trainer, history, summary, out_dir, plots=config.plots)
     log.info(
         "%s, best epoch %s, %d epochs in %.1fs; wrote %s%s",
         describe_test(summary), summary["best_epoch"], summary["epochs_run"], summary["wall_seconds"], out_dir,
@@ -402,8 +402,8 @@ def save_failures_note(summary: dict) -> str:
     return f"; WARNING: {summary['failed_saves']} checkpoint save(s) failed (see above), {best}"
 
 
-def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir: Path) -> None:
-    """The final files: model/best safetensors, plots, summary.json (rank 0 only under DDP).
+def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir: Path, *, plots: bool = True) -> None:
+    """The final files: model/best safetensors, plots (unless off), summary.json (rank 0 only under DDP).
 
     summary.json comes last and only once the weights are exported: if an export fails (disk
     full), ``--resume`` finishes the job from the last checkpoint instead of a finished-looking run.
@@ -421,7 +421,8 @@ def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir:
         except OSError as exc:
             raise OutputError(f"could not write {path}: {exc.strerror or exc}; {how_to_finish(trainer, out_dir)}") from None
     try:
-        plot_history(history, out_dir)
+        if plots:
+            plot_history(history, out_dir)
     except OSError as exc:
         log.warning("could not write the plots into %s: %s", out_dir, exc.strerror or exc)
     try:
