@@ -8,7 +8,8 @@ the interpreter, `import torch`, the `torch._dynamo` import that constructing an
 `torch.optim` optimizer triggers, everything of trainkit's but training (the recipe on 2,048
 images for 8 steps: reading MNIST, the model, the test, the exports) and the training itself.
 The other parts run each recipe with fewer or more epochs (or narrower CNNs) over --seeds:
-mean test accuracy against mean wall seconds. Writes benchmarks/results/frontier.json.
+mean test accuracy against mean wall seconds. Each part's result replaces that part's entry in
+benchmarks/results/frontier.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipes import matmul_gflops, mean_std, run_once  # noqa: E402
 
-# recipe -> (label, extra flags); the first variant of each is the recipe itself.
+# recipe -> (label, extra flags); the first variant of the fast ones is the recipe itself.
 FRONTIERS = {
     "mlp_fast": [
         ("the recipe (784-512-512, 4 epochs)", []),
@@ -42,16 +43,17 @@ FRONTIERS = {
         ("16-32-64, 1 epoch", ["--channels", "16,32,64"]),
         ("16-32-64, 2 epochs", ["--channels", "16,32,64", "--epochs", "2"]),
     ],
-    "cnn_995": [
-        ("the recipe (6 epochs)", []),
+    "cnn_995": [  # the recipe itself (6 epochs, ~2 min a run) is the recipes table's row
         ("3 epochs", ["--epochs", "3"]),
         ("4 epochs", ["--epochs", "4"]),
     ],
 }
-PYTHON_STAGES = {  # name -> code run by `python -c`
-    "interpreter": "pass",
-    "torch": "import torch",
-    "torch._dynamo": "import torch, torch._dynamo",
+# name -> code run by `python -c`; each leaves by os._exit, as trainkit does, so no stage pays the
+# interpreter's module teardown (~1 s once torch._dynamo is imported) that a trainkit run skips.
+PYTHON_STAGES = {
+    "interpreter": "import os; os._exit(0)",
+    "torch": "import os, torch; os._exit(0)",
+    "torch._dynamo": "import os, torch, torch._dynamo; os._exit(0)",
 }
 FLOOR_FLAGS = ["--train-size", "2048", "--epochs", "2"]  # 8 optimizer steps: everything but the training
 
@@ -123,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     speed.append(matmul_gflops())
     print(f"\nfp32 matmul before/after: {speed[0]:.0f} / {speed[1]:.0f} GFLOP/s\n" + markdown(results))
     out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous.update({part: {"date": time.strftime("%Y-%m-%d"), "matmul_gflops": speed, "results": value}
+                     for part, value in results.items()})  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "matmul_gflops": speed, **results}, indent=2) + "\n")
+    out.write_text(json.dumps(previous, indent=2) + "\n")
     return 0
 
 

@@ -194,7 +194,7 @@ def plot_loops(rows: list[dict], path: Path) -> None:
         cells = [next(r for r in rows if r["group"] == group and r["case"] == loop) for loop in loops]
         medians = [c["median_s"] for c in cells]
         errors = [[m - c["min_s"] for m, c in zip(medians, cells)], [c["max_s"] - m for m, c in zip(medians, cells)]]
-        ax.bar(loops, medians, yerr=errors, color=["C0", "C1", "C2", "C3"][: len(loops)], capsize=3)
+        ax.bar(loops, medians, yerr=errors, color=[f"C{i % 10}" for i in range(len(loops))], capsize=3)
         ax.set_title(group, fontsize=9)
         ax.tick_params(axis="x", labelrotation=45, labelsize=8)
     axes[0][0].set_ylabel("seconds / epoch (median, min-max)")

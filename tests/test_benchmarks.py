@@ -80,7 +80,7 @@ def test_lr_finder_goal_is_points_for_accuracy_and_a_relative_gap_for_losses():
 def test_the_startup_split_is_differences_of_whole_processes_that_add_up(monkeypatch):
     import frontier
 
-    walls = {"pass": 0.1, "import torch": 1.5, "import torch, torch._dynamo": 3.0}
+    walls = dict(zip(frontier.PYTHON_STAGES.values(), (0.1, 1.5, 3.0)))
     monkeypatch.setattr(frontier, "wall_of", lambda command: walls[command[-1]])
     monkeypatch.setattr(frontier, "run_once", lambda recipe, seed, data_dir, flags=(): {"wall_s": 5.0 if flags else 9.5})
     parts = frontier.startup_parts("data", rounds=3)

@@ -144,7 +144,7 @@ class Dropout(nn.Dropout):
 
     CPU ``bernoulli_`` and ``torch.rand`` draw element by element: at the MNIST MLP's batch
     512 that took as long as all the matmuls of the step. One 64-bit draw here gives four
-    elements' masks, 7x faster than ``torch.rand`` (docs/benchmarks.md, "Dropout mask").
+    elements' masks, 2.5x faster than ``torch.rand``'s (docs/benchmarks.md, "Fast paths").
     p is rounded to a multiple of 1/65536 and kept values are scaled by the inverse of the
     rounded keep probability, so the expected output still equals the input. On CUDA the
     fused library kernel is used unchanged.
