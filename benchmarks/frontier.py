@@ -15,7 +15,6 @@ benchmarks/results/frontier.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipes import matmul_gflops, mean_std, run_once  # noqa: E402
+from recipes import matmul_gflops, mean_std, merge_results, run_once  # noqa: E402
 
 # recipe -> (label, extra flags); the first variant of the fast ones is the recipe itself.
 FRONTIERS = {
@@ -124,12 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         results[part] = startup_parts(args.data_dir, args.rounds) if part == "startup" else frontier(part, seeds, args.data_dir)
     speed.append(matmul_gflops())
     print(f"\nfp32 matmul before/after: {speed[0]:.0f} / {speed[1]:.0f} GFLOP/s\n" + markdown(results))
-    out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    previous.update({part: {"date": time.strftime("%Y-%m-%d"), "matmul_gflops": speed, "results": value}
-                     for part, value in results.items()})  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(previous, indent=2) + "\n")
+    merge_results(Path(args.out), results, speed, key="results")
     return 0
 
 

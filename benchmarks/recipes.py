@@ -112,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"seed {seed}: {recipe:<10} {result['wall_s']:6.1f} s  test {100 * result['test_accuracy']:.2f}%", flush=True)
     speed.append(matmul_gflops())
     print(f"\nfp32 matmul before/after: {speed[0]:.0f} / {speed[1]:.0f} GFLOP/s\n" + table(runs))
-    out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    previous.update({recipe: {"date": time.strftime("%Y-%m-%d"), "matmul_gflops": speed, "runs": results}
-                     for recipe, results in runs.items()})  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(previous, indent=2) + "\n")
+    merge_results(Path(args.out), runs, speed, key="runs")
     return 0
+
+
+def merge_results(path: Path, entries: dict, speed: list[float], *, key: str) -> None:
+    """Each entry replaces its own part of the results file (the others stay), stamped with the date and the probe."""
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    previous.update({name: {"date": time.strftime("%Y-%m-%d"), "matmul_gflops": speed, key: value}
+                     for name, value in entries.items()})  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(previous, indent=2) + "\n")
 
 
 if __name__ == "__main__":

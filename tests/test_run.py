@@ -168,11 +168,14 @@ def test_a_full_disk_at_export_is_one_error_and_resume_finishes_the_job(syntheti
     with pytest.raises(OutputError, match="model.safetensors: No space left on device.*--resume` finishes the export"):
         train_run(synthetic_config(epochs=2))
     assert not (tmp_path / "run" / "summary.json").exists()  # not a finished-looking run
+    failure = json.loads((tmp_path / "run" / "failure.json").read_text())  # what `trainkit runs` shows
+    assert failure["type"] == "OutputError" and "No space left on device" in failure["error"]
     monkeypatch.setattr(run_module, "export_safetensors", real_export)
     reference = train_run(synthetic_config(epochs=2, out=str(tmp_path / "reference")))
     resumed = train_run(synthetic_config(epochs=2), resume=True)
     assert resumed["model_sha256"] == reference["model_sha256"]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert not (tmp_path / "run" / "failure.json").exists()  # finished now
 
 
 def test_skip_with_a_diverging_lr_stops_with_exit_3_and_exports_nothing(synthetic_config, tmp_path):

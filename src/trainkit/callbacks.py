@@ -41,6 +41,7 @@ class TrainState:
     ``on_validation_end``/``on_epoch_end`` is written to history.csv too). ``step_output`` is
     the last counted micro-batch's ``StepOutput`` (loss, outputs, targets), detached from the graph.
     ``eval_model`` is what validation measures: the weight average under ``--ema``, else ``model``.
+    ``lr`` is the (first parameter group's) learning rate of the optimizer step in progress.
     """
 
     model: nn.Module
@@ -53,6 +54,7 @@ class TrainState:
     stop_reason: str = ""
     stop_now: bool = False
     step_output: Any = None
+    lr: float = 0.0
 
     def request_stop(self, reason: str, *, now: bool = False) -> None:
         """Stop after the current epoch, or with ``now`` after the current optimizer step (the

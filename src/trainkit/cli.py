@@ -35,6 +35,7 @@ from trainkit.data import DATASET_NAMES
 from trainkit.distributed import STRATEGIES, env_rank
 from trainkit.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.factories import parse_key_values
+from trainkit.loggers import LOGGERS
 from trainkit.metrics import BUILTIN_METRICS
 from trainkit.optim import LR_SCALINGS
 from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
@@ -200,6 +201,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
          help="single, ddp (data parallel; launch with torchrun --nproc_per_node N) or auto: ddp under torchrun")
     flag("--out", help="output directory (default runs/<dataset>-<model>-<time>)")
     flag("--plots", action=argparse.BooleanOptionalAction, help="write loss/metric/lr PNGs at the end (default on)")
+    flag("--logger", type=name_list, help=f"where to log, comma separated: {', '.join(LOGGERS)} (default csv, always on)")
+    flag("--log-every-steps", type=int, help="loggers: per-step loss, lr, gradient norm, clip rate every N steps (default 50)")
+    flag("--mlflow-uri", help="mlflow tracking URI (default sqlite:///<the --out folder's parent>/mlflow.db)")
+    flag("--mlflow-experiment", help="mlflow experiment name (default trainkit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--data-dir", default=None)
     compare.add_argument("--data-file", default=None,
                          help=f"{', '.join(TEXT_COMPARISONS)}: the text (default $TRAINKIT_DATA_DIR/text/kjv.txt)")
+    runs = commands.add_parser("runs", help="the runs under a folder: status, best and test metric, what differs")
+    runs.add_argument("folder", nargs="?", default="runs", help="where to look (default runs/)")
+    report = commands.add_parser("report", help="one self-contained HTML page of runs and comparisons")
+    report.add_argument("folders", nargs="+", help="run folders, folders of runs, or `trainkit compare` folders")
+    report.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
     return parser
 
 
@@ -327,8 +337,34 @@ def run_compare(args: argparse.Namespace) -> int:
     seeds = {"seeds": args.seeds} if args.seeds is not None else {}
     text = {"data_file": args.data_file} if args.experiment in TEXT_COMPARISONS else {}
     compare(args.out, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir, **seeds, **text)
-    print(f"wrote {Path(args.out) / 'report.md'}")
+    write_report([Path(args.out)], Path(args.out) / "report.html")
+    print(f"wrote {Path(args.out) / 'report.md'} and report.html")
     return 0
+
+
+def run_runs(args: argparse.Namespace) -> int:
+    from trainkit.runs import runs_table
+
+    print(runs_table(Path(args.folder)))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    path = write_report([Path(folder) for folder in args.folders], Path(args.out))
+    print(f"wrote {path}")
+    return 0
+
+
+def write_report(folders: list[Path], path: Path) -> Path:
+    from trainkit.report import build_report
+    from trainkit.rundir import write_atomically
+
+    page = build_report(folders)
+    try:
+        write_atomically(path, page)
+    except OSError as exc:
+        raise TrainkitError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --out") from None
+    return path
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -382,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schedules": run_schedules,
         "compare": run_compare,
         "profile": run_profile,
+        "runs": run_runs,
+        "report": run_report,
     }
     prog = f"trainkit {args.command}" + (f" (rank {env_rank()})" if env_rank() else "")
     try:

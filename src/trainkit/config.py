@@ -26,6 +26,7 @@ import yaml
 from trainkit.callbacks import monitor_direction
 from trainkit.distributed import STRATEGIES
 from trainkit.errors import ConfigError
+from trainkit.loggers import check_loggers
 from trainkit.optim import LR_SCALINGS
 from trainkit.tasks import SMOOTHED_TASKS, TASKS, build_task
 from trainkit.tta import TTA_MODES
@@ -167,6 +168,11 @@ class TrainConfig:
     strategy: str = "auto"  # single | ddp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
     out: str | os.PathLike | None = None
     plots: bool = True  # the loss/metric/lr PNGs at the end: ~1 s, most of it importing matplotlib
+    # logging beyond history.csv (trainkit.loggers): continued into the same logged run on --resume
+    logger: list[str] = field(default_factory=lambda: ["csv"])  # csv (always on), tensorboard, mlflow
+    log_every_steps: int = 50  # per-step loss, lr, gradient norm and clip rate every N optimizer steps
+    mlflow_uri: str | None = None  # None: sqlite:///<the run folder's parent>/mlflow.db
+    mlflow_experiment: str = "trainkit"
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     channels: list[int] | None = None  # cnn: output channels of each conv stage; None: 32,64,128
     # text (--dataset text; defaults: TEXT_RECIPES)
@@ -273,6 +279,7 @@ class TrainConfig:
                               ("init", INIT_SCHEMES), ("tokenizer", TOKENIZERS), ("norm_position", NORM_POSITIONS)):  # fmt: skip
             _require_choice(name, getattr(self, name), choices)
         self._validate_text_recipe(sequence)
+        check_loggers(self.logger)
 
     def _validate_text_recipe(self, sequence_model: bool) -> None:
         """Text needs a language model and the next-token task; the sequence models need text."""
@@ -310,7 +317,7 @@ class TrainConfig:
             _require_int_at_least("batch_size", self.batch_size, 1)
         for name in ("eval_batch_size", "accumulate", "keep_checkpoints", "restart_mult", "epochs", "threads",
                      "train_size", "max_steps", "block_size", "layers", "heads", "width", "swa_start",
-                     "lr_reference_batch"):  # fmt: skip
+                     "lr_reference_batch", "log_every_steps"):  # fmt: skip
             _require_int_at_least(name, getattr(self, name), 1)
         for name in ("patience", "val_size", "augment_shift", "seed", "keep_every_epochs", "checkpoint_every_steps",
                      "max_rollbacks", "max_skipped_steps", "plateau_patience", "num_workers", "val_every_steps",

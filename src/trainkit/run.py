@@ -42,9 +42,11 @@ from trainkit.data import DatasetSplits
 from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name, is_factory_path
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.faults import crash_point
+from trainkit.loggers import MLflowBackend, RunLogger, TensorBoardBackend, check_loggers
 from trainkit.lr_finder import lr_find
 from trainkit.optim import build_optimizer
 from trainkit.plots import plot_history
+from trainkit.runs import FAILURE_FILE
 from trainkit.rundir import holding_run_folder, read_json, replacing_atomically, write_atomically
 from trainkit.schedules import build_scheduler
 from trainkit.signals import GracefulStop, graceful_stop
@@ -81,6 +83,49 @@ def build_callbacks(config: TrainConfig) -> list[Callback]:
             monitor=config.monitor, mode=config.monitor_mode, patience=config.patience, min_delta=config.min_delta
         )
     ]
+
+
+def build_run_logger(config: TrainConfig, out_dir: Path, *, enabled: bool) -> RunLogger | None:
+    """The TensorBoard/MLflow logger of --logger (None for csv alone); under DDP only rank 0 writes."""
+    backends = []
+    for name in check_loggers(config.logger):
+        if name == "tensorboard":
+            backends.append(TensorBoardBackend(out_dir))
+        else:
+            backends.append(MLflowBackend(out_dir, config.mlflow_uri, config.mlflow_experiment, run_name=out_dir.name))
+    if not backends:
+        return None
+    return RunLogger(backends, every_steps=config.log_every_steps, clip_norm=config.clip_norm, enabled=enabled)
+
+
+def finish_logging(run_logger: RunLogger, config: TrainConfig, summary: dict, out_dir: Path) -> None:
+    """The settings and final numbers, the weights and the plots, after the run's own files exist. A
+    tracking store that fails now only warns: the run itself is complete."""
+    settings = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                for key, value in config.to_dict().items()}  # fmt: skip
+    final = {key: float(value) for key, value in summary.items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}  # fmt: skip
+    files = [out_dir / "model.safetensors", *sorted(out_dir.glob("*.png"))]
+    try:
+        run_logger.finish(settings, final, [path for path in files if path.is_file()])
+    except Exception as exc:  # noqa: BLE001 - any backend's error; the run's files are already written
+        log.warning("could not finish the logged run (%s: %s); its steps and epochs are logged",
+                    type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+
+
+@contextmanager
+def noting_failure(out_dir: Path, main: bool) -> Iterator[None]:
+    """A job that ends on an error leaves OUT/failure.json (`trainkit runs` shows it as failed); a
+    stop (SIGTERM, Ctrl-C) leaves none: it is interrupted and resumable. A later success removes it."""
+    try:
+        yield
+    except Exception as exc:  # a stop is a BaseException (TrainingInterrupted, KeyboardInterrupt): not caught
+        if main and (out_dir / "config.json").is_file():
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            write_atomically(out_dir / FAILURE_FILE, json.dumps({"error": first_line, "type": type(exc).__name__}) + "\n")
+        raise
+    if main:
+        (out_dir / FAILURE_FILE).unlink(missing_ok=True)
 
 
 def fingerprint_differences(saved: Any, current: dict[str, str]) -> list[str]:
@@ -263,8 +308,9 @@ def _train_run(
     out_dir = Path(config.out) if config.out else default_out_dir(config)
     out_dir = Path(distributed.broadcast_object(str(out_dir)))  # the default name holds rank 0's clock
     config.out = str(out_dir)
-    with owning_run_folder(out_dir):
+    with owning_run_folder(out_dir), ExitStack() as failures:
         prepare_out_dir(out_dir, resume)
+        failures.enter_context(noting_failure(out_dir, main))  # only now is the folder this job's
         crash_point("start")
         # the model is the same on every rank (same seed); --batch-size auto is resolved before
         # config.json is written, so --resume reuses the choice
@@ -294,7 +340,8 @@ def _train_run(
             if main:  # accepted: config.json now says what trains from here on (--force-resume may change it)
                 write_atomically(out_dir / "config.json", saved_config)
         shard = {"rank": rank, "world_size": world}  # each rank evaluates its part; sums all-reduced
-        callbacks = [*build_callbacks(config), *extra_callbacks]
+        run_logger = build_run_logger(config, out_dir, enabled=main)
+        callbacks = [*build_callbacks(config), *extra_callbacks, *([run_logger] if run_logger else [])]  # it logs last
         trainer = Trainer(
             model, config, task=task, callbacks=callbacks, out_dir=out_dir,
             run_info={"data_fingerprint": fingerprint, "recipe": recipe_settings(config), **tokenizer_info(data)},
@@ -311,8 +358,12 @@ def _train_run(
             summary.update(text_summary(trainer, history, evaluation_data(config, data, "val", **shard)))
         if finder is not None:
             summary["lr_finder"] = {key: finder[key] for key in ("suggested_lr", "suggestions", "stopped_early")}
+        if run_logger is not None:
+            summary["logs"] = run_logger.describe()
         if main:
             write_outputs(trainer, history, summary, out_dir, plots=config.plots)
+        if run_logger is not None:
+            finish_logging(run_logger, config, summary, out_dir)
     log.info(
         "%s, best epoch %s, %d epochs in %.1fs; wrote %s%s",
         describe_test(summary), summary["best_epoch"], summary["epochs_run"], summary["wall_seconds"], out_dir,

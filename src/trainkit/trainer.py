@@ -554,6 +554,7 @@ class Trainer:
                 self._observe(output)
             rows = sum(batch_rows(batch) for batch in group)
             self._meter.add_step(group_loss, group_size, weight, rows, grad_norm, clipped)
+            self.state.lr = self.optimizer.param_groups[0]["lr"]
             self._call("on_before_optimizer_step", grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
