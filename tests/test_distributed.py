@@ -15,6 +15,7 @@ different (by design) computations. Killed-and-resumed DDP vs uninterrupted DDP:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -269,3 +270,17 @@ def test_sigterm_on_one_rank_stops_all_ranks_at_the_same_step_and_rank_0_saves(t
     assert verify_checkpoint(saved) is None
     assert load_checkpoint(saved)["global_step"] == 25
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="the logging extra is not installed")
+def test_under_ddp_only_rank_0_logs_and_the_log_holds_the_global_history(tmp_path):
+    from test_loggers import tensorboard_scalars
+
+    out = tmp_path / "run"
+    result = torchrun(out, "--logger", "csv,tensorboard", "--log-every-steps", "5")
+    assert result.returncode == 0, result.stderr
+    writers = {path.name.rsplit(".", 2)[-2] for path in (out / "tensorboard").glob("events.out.tfevents.*")}
+    assert len(writers) == 1  # one process (PID) wrote events
+    scalars = tensorboard_scalars(out)
+    assert [value for _, value in scalars["epoch/val_loss"]] == pytest.approx(
+        [row["val_loss"] for row in history_rows(out)], rel=1e-6)  # fmt: skip
