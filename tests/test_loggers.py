@@ -74,6 +74,24 @@ def test_both_backends_hold_the_history_and_every_fifth_step(synthetic_config, t
 
 
 @needs_backends
+def test_the_end_of_a_run_logs_settings_final_numbers_weights_and_plots(synthetic_config, tmp_path):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = train_run(synthetic_config(epochs=2, lr=3e-3, logger=["tensorboard", "mlflow"]))
+    out = tmp_path / "run"
+    client = MlflowClient(tracking_uri=summary["logs"]["mlflow"]["uri"])
+    run = client.get_run(summary["logs"]["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "0.003"
+    assert run.data.metrics["final/test_accuracy"] == summary["test_accuracy"]
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"model.safetensors", "summary.json", "loss.png", "accuracy.png", "lr.png"} <= artifacts
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"plots/loss", "plots/accuracy", "plots/lr"} <= set(events.Tags()["images"])
+
+
+@needs_backends
 @pytest.mark.parametrize("kill_at", ["step:70", "save:temp_written:7"], ids=["mid-epoch", "after-epoch-write"])
 def test_a_killed_and_resumed_run_logs_every_step_once_with_the_uninterrupted_values(kill_at, tmp_path):
     """step:70 is ten steps after the step-60 checkpoint (steps 51-60 were kept, not yet written);

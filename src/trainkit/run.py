@@ -105,7 +105,7 @@ def finish_logging(run_logger: RunLogger, config: TrainConfig, summary: dict, ou
                 for key, value in config.to_dict().items()}  # fmt: skip
     final = {key: float(value) for key, value in summary.items()
              if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}  # fmt: skip
-    files = [out_dir / "model.safetensors", *sorted(out_dir.glob("*.png"))]
+    files = [out_dir / "model.safetensors", out_dir / "summary.json", *sorted(out_dir.glob("*.png"))]
     try:
         run_logger.finish(settings, final, [path for path in files if path.is_file()])
     except Exception as exc:  # noqa: BLE001 - any backend's error; the run's files are already written
