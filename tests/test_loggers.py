@@ -106,3 +106,9 @@ def test_a_killed_and_resumed_run_logs_every_step_once_with_the_uninterrupted_va
     assert untimed(mlflow_metrics(out)) == untimed(mlflow_metrics(whole))
     steps = [step for step, _ in mlflow_metrics(out)["step/loss"]]
     assert steps == sorted(set(steps))  # strictly increasing: no step twice
+
+
+@needs_backends
+def test_a_tracking_store_that_cannot_be_opened_is_one_line_naming_it(synthetic_config):
+    with pytest.raises(ConfigError, match=r"--logger mlflow could not open the tracking store foo://bar: .*--mlflow-uri"):
+        train_run(synthetic_config(epochs=1, logger=["mlflow"], mlflow_uri="foo://bar"))

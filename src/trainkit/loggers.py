@@ -91,6 +91,9 @@ class TensorBoardBackend:
     def state(self) -> dict[str, Any]:
         return {"log_dir": str(self.log_dir)}
 
+    def where(self) -> str:
+        return str(self.log_dir)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -155,6 +158,9 @@ class MLflowBackend:
     def state(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "uri": self.uri}
 
+    def where(self) -> str:
+        return f"the tracking store {self.uri}"
+
     def close(self) -> None:
         pass
 
@@ -182,9 +188,16 @@ class RunLogger(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, state: TrainState) -> None:
+        """Open each backend (reopen its run on resume) before the first step; a store that cannot be
+        opened (a wrong --mlflow-uri, an unwritable folder) is a one-line error, not a library traceback."""
         for backend in self.backends:
             saved = None if self.saved_backends is None else self.saved_backends.get(backend.name)
-            backend.open(saved, self.written_through + 1)
+            try:
+                backend.open(saved, self.written_through + 1)
+            except Exception as exc:  # noqa: BLE001 - whatever the backend's library raises
+                detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ConfigError(f"--logger {backend.name} could not open {backend.where()}: {detail}; "
+                                  f"check the location (--mlflow-uri, --out) or drop {backend.name}") from None  # fmt: skip
 
     def on_before_optimizer_step(self, state: TrainState, grad_norm: torch.Tensor) -> None:
         if not self.backends:
