@@ -98,3 +98,11 @@ def test_a_comparison_folder_gets_report_html_with_every_plot_inlined(tmp_path):
     assert plots and page.count('<img src="data:image/png;base64,') == len(plots)
     assert not re.search(r'(src|href)="(?!data:)[^"#]', page)
     assert "<table>" in page  # report.md's tables rendered
+
+
+def test_a_damaged_history_is_one_line_naming_the_file(three_runs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(three_runs / "a", broken)
+    (broken / "history.csv").write_text("epoch,train_loss\n1,not-a-number\n")
+    with pytest.raises(ConfigError, match=r"the run's history .*broken/history.csv is damaged"):
+        build_report([broken])

@@ -82,8 +82,22 @@ def read_run(folder: Path) -> RunInfo:
     else:
         status = "interrupted"
     history_path = folder / "history.csv"
-    history = list(csv.DictReader(history_path.open())) if history_path.is_file() else []
+    history = read_history(history_path) if history_path.is_file() else []
     return RunInfo(folder, status, config, summary, history, failure.get("error", ""))
+
+
+def read_history(path: Path) -> list[dict[str, str]]:
+    """history.csv's rows; every cell must be a number or empty (a damaged file is one line naming it)."""
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        for row in rows:
+            for value in row.values():
+                if value not in ("", None):
+                    float(value)
+    except (csv.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"the run's history {path} is damaged ({exc}); restore it or leave that run out") from None
+    return rows
 
 
 def differing_settings(runs: list[RunInfo]) -> list[str]:
