@@ -72,6 +72,20 @@ def lock_run_folder(out_dir: Path) -> None:
     _held[key] = fd
 
 
+def is_locked(folder: Path) -> bool:
+    """Whether a live process holds the run's lock (the OS drops a dead one's)."""
+    path = folder / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def release_run_folder(out_dir: Path) -> None:
     fd = _held.pop(out_dir.resolve(), None)
     if fd is not None:

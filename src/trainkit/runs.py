@@ -16,12 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from trainkit.errors import ConfigError
-from trainkit.rundir import LOCK_FILE, read_json
-
-try:
-    import fcntl
-except ImportError:  # not POSIX
-    fcntl = None  # type: ignore[assignment]
+from trainkit.rundir import is_locked, read_json
 
 FAILURE_FILE = "failure.json"
 MAX_DEPTH = 4  # run folders are looked for this deep under DIR
@@ -53,20 +48,6 @@ def find_runs(root: Path) -> list[Path]:
             subfolders.clear()
         subfolders.sort()
     return found
-
-
-def is_locked(folder: Path) -> bool:
-    """Whether a live process holds the run's lock (the OS drops a dead one's)."""
-    path = folder / LOCK_FILE
-    if fcntl is None or not path.is_file():
-        return False
-    with path.open("rb") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
 
 
 def read_run(folder: Path) -> RunInfo:
