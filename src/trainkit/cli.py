@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -42,6 +42,7 @@ from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
 from trainkit.text.models import NORM_POSITIONS
 from trainkit.text.tokenizers import TOKENIZERS
 from trainkit.tta import TTA_MODES
+from trainkit.tune import PRUNERS, SAMPLERS
 
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
@@ -94,12 +95,14 @@ def learning_rate(text: str) -> float | str:
     return "auto" if text == "auto" else float(text)
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags default to SUPPRESS so only those the user typed override the config file."""
+def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) -> None:
+    """Flags default to SUPPRESS so only those the user typed override the config file.
+    ``resumable``: --resume/--force-resume too (not for `trainkit tune`, which always continues)."""
     add = parser.add_argument
     add("--config", help="TOML/YAML/JSON file of settings; flags override it")
-    add("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
-    add("--force-resume", action="store_true", help="resume even if settings or data differ from the checkpoint's")
+    if resumable:
+        add("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
+        add("--force-resume", action="store_true", help="resume even if settings or data differ from the checkpoint's")
     group = parser.add_argument_group("settings (defaults: the production MNIST recipe)")
     flag = lambda name, **kw: group.add_argument(name, default=argparse.SUPPRESS, **kw)  # noqa: E731
     flag("--dataset", help="mnist, fashion-mnist, synthetic, text (with --data-file), or MODULE:FUNCTION returning "
@@ -251,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--data-dir", default=None)
     compare.add_argument("--data-file", default=None,
                          help=f"{', '.join(TEXT_COMPARISONS)}: the text (default $TRAINKIT_DATA_DIR/text/kjv.txt)")
+    tuner = commands.add_parser("tune", help="hyper-parameter search on Optuna; trials are trainkit runs, resumable")
+    tuner.add_argument("--space", required=True, help="TOML/YAML/JSON file: one table per setting, low/high or choices")
+    tuner.add_argument("--trials", type=int, required=True, help="trials the study ends with (finished, pruned or failed)")
+    tuner.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Optuna's sampler (default tpe)")
+    tuner.add_argument("--pruner", choices=PRUNERS, default="median",
+                       help="stops unpromising trials at a validation (default median)")
+    tuner.add_argument("--sampler-seed", type=int, default=0, help="the sampler's seed (default 0)")
+    tuner.add_argument("--storage", help="an Optuna storage URL (default sqlite:///<--out>/study.db)")
+    tuner.add_argument("--study-name", help="the study's name in the storage (default: --out's folder name)")
+    tuner.add_argument("--workers", type=int, default=1,
+                       help="trial processes on the study, the cores shared between them (default 1)")
+    add_train_flags(tuner, resumable=False)  # the base settings of every trial; --out is the study folder
     runs = commands.add_parser("runs", help="the runs under a folder: status, best and test metric, what differs")
     runs.add_argument("folder", nargs="?", default="runs", help="where to look (default runs/)")
     report = commands.add_parser("report", help="one self-contained HTML page of runs and comparisons")
@@ -261,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     """The config file's settings overridden by the flags typed; also returns those flags."""
+    file_values, flags = given_settings(args)
+    config = recipe_config({**file_values, **flags}, source=args.config or "flags")
+    return config, flags
+
+
+def given_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config file's settings and the setting flags typed (which win over the file)."""
     settings = {field.name for field in dataclasses.fields(TrainConfig)}
     flags = {key: value for key, value in vars(args).items() if key in settings}
     file_values = load_config_file(args.config) if args.config else {}
@@ -269,8 +291,22 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, dict[
         if pairs:
             table = file_values.get(f"{name}_args", {})
             flags[f"{name}_args"] = {**(table if isinstance(table, dict) else {}), **parse_key_values(pairs, f"--{name}-arg")}
-    config = recipe_config({**file_values, **flags}, source=args.config or "flags")
-    return config, flags
+    return file_values, flags
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from trainkit.tune import tune
+
+    file_values, flags = given_settings(args)
+    base = {**file_values, **flags}
+    out = base.pop("out", None)
+    if out is None:
+        raise TrainkitError("trainkit tune needs --out DIR: the study, its trials and results live there")
+    outcome = tune(base, args.space, trials=args.trials, out=out, sampler=args.sampler, pruner=args.pruner,
+                   storage=args.storage, study_name=args.study_name, workers=args.workers,
+                   sampler_seed=args.sampler_seed)  # fmt: skip
+    print(json.dumps(outcome, indent=2))
+    return 0
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -420,10 +456,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profile": run_profile,
         "runs": run_runs,
         "report": run_report,
+        "tune": run_tune,
     }
     prog = f"trainkit {args.command}" + (f" (rank {env_rank()})" if env_rank() else "")
+    return exit_status(prog, lambda: handlers[args.command](args))
+
+
+def exit_status(prog: str, command: Callable[[], int]) -> int:
+    """Run a command; a user's problem becomes one line on stderr and its exit status (a
+    traceback means a trainkit bug). Also what each `trainkit tune --workers` process reports with."""
     try:
-        return handlers[args.command](args)
+        return command()
     except TrainingInterrupted as exc:
         print(f"{prog}: {exc}; {exc.advice}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -49,6 +49,8 @@ MIN_BPE_VOCAB, MAX_VOCAB = 257, 1_000_000  # a byte-level BPE starts from the 25
 LOOP_MONITORABLE = ("grad_norm", "clip_fraction")
 # Fields whose command-line flag is not simply the field name with dashes.
 FLAG_NAMES = {"augment_shift": "--augment"}
+# Settings a config file turns off with 0, as their flags do (TOML has no null).
+OFF_WHEN_ZERO = ("clip_norm", "clip_value")
 # The part of an epoch's optimizer steps that --on-nonfinite skip may drop by default.
 DEFAULT_SKIP_FRACTION = 0.1
 
@@ -480,22 +482,25 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config") -> Train
         check_field_types(normalised)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    for name in OFF_WHEN_ZERO:
+        if normalised.get(name) == 0 and not isinstance(normalised[name], bool):
+            normalised[name] = None
     return TrainConfig(**normalised)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON config file into a plain mapping of settings."""
+def load_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a TOML, YAML or JSON config file into a plain mapping of settings (``what``: how errors name it)."""
     path = Path(path)
     if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise ConfigError(f"config file {path}: use a .toml, .yaml/.yml or .json file")
+        raise ConfigError(f"{what} {path}: use a .toml, .yaml/.yml or .json file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise ConfigError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); is it the right file?") from None
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}); is it the right file?") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     try:
         if path.suffix == ".toml":
             values = tomllib.loads(text)
@@ -504,11 +509,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             values = yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(exc)}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {_one_line(exc)}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(values).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping of settings, got {type(values).__name__}")
     return values
 
 
@@ -530,6 +535,11 @@ def check_field_types(values: Mapping[str, Any]) -> None:
         expected = types_.get(name)
         if expected is not None and not _matches(value, expected):
             raise ConfigError(f"{flag_name(name)} must be {_describe(expected)}, got {value!r} ({_kind(value)})")
+
+
+def setting_accepts(name: str, value: Any) -> bool:
+    """Whether the setting's declared type takes ``value`` (e.g. a float for lr, only ints for batch_size)."""
+    return _matches(value, field_types()[name])
 
 
 def _matches(value: Any, expected: Any) -> bool:

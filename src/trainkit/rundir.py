@@ -86,6 +86,22 @@ def is_locked(folder: Path) -> bool:
     return False
 
 
+@contextmanager
+def waiting_for_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` for the block, waiting for its holder (the OS releases a dead
+    holder's): short critical sections shared by several processes, such as claiming a tuning trial."""
+    make_folder(path.parent)
+    if fcntl is None:
+        yield  # not POSIX: no advisory locks (docs/reliability.md)
+        return
+    with path.open("a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def release_run_folder(out_dir: Path) -> None:
     fd = _held.pop(out_dir.resolve(), None)
     if fd is not None:

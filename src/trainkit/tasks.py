@@ -59,6 +59,7 @@ class Task:
     """
 
     name = "custom"
+    objective = "loss"  # what `trainkit tune` optimises by default: val_<objective>
 
     def __init__(
         self,
@@ -207,6 +208,7 @@ class Classification(Task):
     validation loss is the same smoothed loss, so compare accuracies across smoothing values."""
 
     name = "classification"
+    objective = "accuracy"
 
     def __init__(
         self, loss_fn: Callable | None = None, *, top_k: int | None = None, label_smoothing: float = 0.0, **options: Any
@@ -233,6 +235,7 @@ class MultiLabel(Task):
     """Independent yes/no per label: BCE on logits; targets 0/1 of the outputs' shape."""
 
     name = "multilabel"
+    objective = "f1"
 
     def default_loss(self) -> Callable:
         return nn.BCEWithLogitsLoss()

@@ -1,0 +1,231 @@
+"""The study: its settings (``DIR/tune.json``), its Optuna storage, and claiming trials safely.
+
+Optuna's storage is the one record of the search; trainkit adds what makes it crash-safe. A trial
+is a run folder ``DIR/trials/NNNN`` (its number), locked by the process training it. A trial that
+is RUNNING in the study while no live process holds its folder was being trained by a process that
+died (SIGKILL, a lost machine): the next worker to claim a trial resumes it from its own
+checkpoints, under the same number, instead of asking Optuna for a new one. Claims happen one at
+a time under ``DIR/.claim.lock``, and a worker locks the trial's folder before it lets go of that
+lock, so no two workers, processes or commands ever take the same trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainkit.config import recipe_config
+from trainkit.errors import ConfigError
+from trainkit.run import RESUMABLE_OVERRIDES
+from trainkit.rundir import is_locked, lock_run_folder, read_json, waiting_for_lock, write_atomically
+from trainkit.tune import PRUNERS, SAMPLERS
+from trainkit.tune.space import Dimension, grid_space, parse_space
+
+log = logging.getLogger("trainkit")
+
+STUDY_FILE = "tune.json"
+CLAIM_LOCK = ".claim.lock"
+SQLITE_TIMEOUT_S = 60  # workers writing to one SQLite file wait for each other this long
+# What tune.json records and a later command must repeat (the trial budget and workers may change).
+STUDY_KEYS = ("base", "space", "monitor", "direction", "sampler", "pruner", "sampler_seed", "storage", "study_name")
+
+
+@dataclass
+class TuneSpec:
+    """Everything a worker needs to take part in the study (what tune.json holds, plus this
+    command's budget). ``sampler``/``pruner`` are names, or Optuna objects from Python (one worker)."""
+
+    base: dict[str, Any]
+    space: dict[str, Any]
+    trials: int
+    out: str
+    sampler: Any = "tpe"
+    pruner: Any = "median"
+    storage: str | None = None
+    study_name: str | None = None
+    sampler_seed: int = 0
+    monitor: str = ""
+    direction: str = ""
+    dimensions: list[Dimension] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out)
+
+    def recorded(self) -> dict[str, Any]:
+        """The study's identity, as tune.json stores it (objects by their class name)."""
+        values = {key: getattr(self, key) for key in STUDY_KEYS}
+        for key in ("sampler", "pruner"):
+            if not isinstance(values[key], str):
+                values[key] = type(values[key]).__name__
+        values["base"] = {k: v for k, v in self.base.items() if k not in (*RESUMABLE_OVERRIDES, "threads")}
+        return json.loads(json.dumps(values, default=str))
+
+
+def prepare_spec(spec: TuneSpec) -> TuneSpec:
+    """Check every setting before any trial: the base run, the space against it, the objective,
+    the sampler and pruner; fill in the defaults (objective, storage, study name)."""
+    if isinstance(spec.trials, bool) or not isinstance(spec.trials, int) or spec.trials < 1:
+        raise ConfigError(f"--trials must be an integer >= 1, got {spec.trials!r}")
+    for name, value, names in (("--sampler", spec.sampler, SAMPLERS), ("--pruner", spec.pruner, PRUNERS)):
+        if isinstance(value, str) and value not in names:
+            raise ConfigError(f"{name} must be one of {', '.join(names)}, got {value!r}")
+    base = {key.replace("-", "_"): value for key, value in spec.base.items()}
+    base.pop("out", None)
+    config = recipe_config(base, source="the base settings").resolved()
+    if config.strategy == "ddp":
+        raise ConfigError("trainkit tune runs each trial as one process; for parallel trials use --workers K")
+    monitor = base.get("monitor") or default_objective(config)
+    base["monitor"] = monitor  # the trial's early stopping and best checkpoint follow the objective
+    config = recipe_config(base, source="the base settings").resolved()
+    dimensions = parse_space(spec.space, base)
+    if spec.sampler == "grid":
+        grid = grid_space(dimensions)
+        points = 1
+        for values in grid.values():
+            points *= len(values)
+        if spec.trials > points:
+            raise ConfigError(f"--sampler grid has {points} combinations; use --trials {points} or fewer")
+    folder = Path(spec.out)
+    return dataclasses.replace(
+        spec, base=base, monitor=monitor, direction="minimize" if config.monitor_mode == "min" else "maximize",
+        storage=spec.storage or f"sqlite:///{(folder / 'study.db').resolve()}",
+        study_name=spec.study_name or folder.resolve().name, dimensions=dimensions,
+    )  # fmt: skip
+
+
+def default_objective(config: Any) -> str:
+    """The task's own validation metric (accuracy, F1, the loss for regression and language models)."""
+    from trainkit.components import build_run_task
+
+    task = build_run_task(config)
+    name = f"val_{task.objective}"
+    return name if name in task.monitorable() else "val_loss"
+
+
+def record_study(spec: TuneSpec) -> None:
+    """Write tune.json, or check that this command continues the study it describes."""
+    path = spec.folder / STUDY_FILE
+    recorded = spec.recorded()
+    if not path.is_file():
+        write_atomically(path, json.dumps(recorded, indent=2) + "\n")
+        return
+    saved = read_json(path, "the study's settings")
+    differences = [key for key in STUDY_KEYS if saved.get(key) != recorded.get(key)]
+    if differences:
+        details = "; ".join(describe_difference(key, saved.get(key), recorded.get(key)) for key in differences)
+        raise ConfigError(f"{spec.folder} holds a study started with other settings ({details}); repeat its "
+                          f"--config/--space/flags to continue it, or choose another --out")  # fmt: skip
+
+
+def describe_difference(key: str, saved: Any, now: Any) -> str:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        return f"{key}: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys)
+    return f"{key} {saved!r} -> {now!r}"
+
+
+def open_study(spec: TuneSpec) -> Any:
+    """The Optuna study (created on first use), with a sampler and pruner built from the spec."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # trainkit logs each trial itself
+    storage: Any = spec.storage
+    if storage.startswith("sqlite:"):
+        storage = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}})
+    try:
+        return optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.direction,
+                                   sampler=build_sampler(spec, 0), pruner=build_pruner(spec), load_if_exists=True)  # fmt: skip
+    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
+        raise ConfigError(f"cannot open the study storage {spec.storage}: {one_line(exc)}; check --storage") from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors: a bad URL, an unreachable server
+        raise ConfigError(f"cannot open the study storage {spec.storage}: {one_line(exc)}; check --storage") from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def build_sampler(spec: TuneSpec, trials_so_far: int) -> Any:
+    """A fresh sampler for each new trial, seeded by (seed, trials so far): a restarted study
+    samples what the uninterrupted one would have, instead of replaying its first trials."""
+    import optuna
+
+    if not isinstance(spec.sampler, str):
+        return spec.sampler
+    if spec.sampler == "grid":  # trial N takes point N of the grid shuffled by the seed: one seed for all
+        return optuna.samplers.GridSampler(grid_space(spec.dimensions), seed=spec.sampler_seed)
+    seed = spec.sampler_seed + trials_so_far
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def build_pruner(spec: TuneSpec) -> Any:
+    import optuna
+
+    if not isinstance(spec.pruner, str):
+        return spec.pruner
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner()
+    if spec.pruner == "hyperband":
+        epochs = spec.base.get("epochs")
+        budget = epochs if isinstance(epochs, int) and not spec.base.get("val_every_steps") else "auto"
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=budget)
+    return optuna.pruners.NopPruner()
+
+
+def trial_folder(spec: TuneSpec, number: int) -> Path:
+    return spec.folder / "trials" / f"{number:04d}"
+
+
+@dataclass
+class Claim:
+    """A trial this worker now owns: its Optuna handle, what it already reported, its folder (locked)."""
+
+    trial: Any
+    number: int
+    params: dict[str, Any]
+    folder: Path
+    reported_steps: set[int]
+    pruned_at: int | None
+    resumed: bool
+
+
+def claim_trial(spec: TuneSpec, study: Any) -> Claim | None:
+    """A trial to work on: an orphan (RUNNING, its folder unlocked) first, else a new one while
+    the study has fewer than ``spec.trials``; None when there is nothing left to do."""
+    import optuna
+
+    with waiting_for_lock(spec.folder / CLAIM_LOCK):
+        trials = study.get_trials(deepcopy=False)
+        for frozen in trials:
+            if frozen.state == optuna.trial.TrialState.RUNNING and not is_locked(trial_folder(spec, frozen.number)):
+                handle = optuna.trial.Trial(study, frozen._trial_id)  # noqa: SLF001 - Optuna's own way to reopen a trial
+                return take(spec, handle, frozen.number, frozen.params, frozen)
+        if len(trials) >= spec.trials:
+            return None
+        study.sampler = build_sampler(spec, len(trials))
+        trial = study.ask({dimension.name: dimension.distribution() for dimension in spec.dimensions})
+        trial.set_user_attr("run_dir", str(trial_folder(spec, trial.number).relative_to(spec.folder)))
+        return take(spec, trial, trial.number, trial.params)
+
+
+def take(spec: TuneSpec, trial: Any, number: int, params: dict[str, Any], frozen: Any = None) -> Claim:
+    """Lock the trial's folder before the claim lock is released, so no other worker sees it
+    orphaned. ``frozen``: an orphan's record (what it reported and decided before it died)."""
+    folder = trial_folder(spec, number)
+    lock_run_folder(folder)
+    return Claim(trial=trial, number=number, params=dict(params), folder=folder,
+                 reported_steps=set(frozen.intermediate_values) if frozen else set(),
+                 pruned_at=frozen.user_attrs.get("pruned_at") if frozen else None, resumed=frozen is not None)  # fmt: skip
+
+
+def default_threads(workers: int) -> int | None:
+    """Each of K workers gets an equal share of the cores (None: one worker, torch's default)."""
+    return None if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
