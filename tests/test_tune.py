@@ -16,7 +16,7 @@ import pytest
 optuna = pytest.importorskip("optuna")
 
 from trainkit.config import config_from_dict, load_config_file, recipe_config  # noqa: E402
-from trainkit.errors import ConfigError  # noqa: E402
+from trainkit.errors import ConfigError, TrainkitError  # noqa: E402
 from trainkit.run import train_run  # noqa: E402
 from trainkit.tune import tune  # noqa: E402
 from trainkit.tune.space import parse_space  # noqa: E402
@@ -184,6 +184,17 @@ def test_a_diverging_trial_fails_and_the_study_goes_on_with_a_factory_argument_s
     config = json.loads((tmp_path / "study" / "trials" / "0000" / "config.json").read_text())
     assert config["model_args"] == {"gain": trials[0].params["model_args.gain"], "width": trials[0].params["model_args.width"]}
     assert outcome["trials"] == {"complete": 2, "pruned": 0, "fail": 2, "running": 0}
+
+
+def test_an_error_stops_the_tuner_in_one_line_and_its_trial_resumes_once_fixed(tmp_path):
+    base = {"dataset": "mnist", "train_size": 2000, "val_size": 500, "epochs": 1, "device": "cpu"}
+    space = {"lr": {"low": 1e-3, "high": 1e-2}}
+    with pytest.raises(TrainkitError, match=r"^trial 0 \(lr=0\.\d+\): .*nowhere") as raised:
+        tune({**base, "data_dir": str(tmp_path / "nowhere")}, space, trials=1, out=tmp_path / "study")
+    assert "\n" not in str(raised.value)
+    assert [t.state.name for t in study_of(tmp_path / "study").get_trials()] == ["RUNNING"]
+    outcome = tune(base, space, trials=1, out=tmp_path / "study")  # the data found ($TRAINKIT_DATA_DIR)
+    assert outcome["trials"]["complete"] == 1 and [t.number for t in study_of(tmp_path / "study").get_trials()] == [0]
 
 
 def test_a_study_continues_only_with_its_own_settings_and_may_grow(tmp_path):

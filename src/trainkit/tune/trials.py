@@ -18,7 +18,7 @@ from typing import Any
 
 from trainkit.callbacks import Callback, TrainState
 from trainkit.config import recipe_config
-from trainkit.errors import ConfigError, NonFiniteLossError, TrainingInterrupted
+from trainkit.errors import NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.run import resume_config, train_run
 from trainkit.rundir import read_json, release_run_folder, write_atomically
 from trainkit.tune.space import trial_settings
@@ -88,16 +88,15 @@ def run_trial(spec: TuneSpec, claim: Claim) -> None:
         summary = trained_summary(spec, claim, settings)
     except NonFiniteLossError as exc:
         claim.trial.set_user_attr("error", str(exc))
-        tell(claim, optuna.trial.TrialState.FAIL)
-        write_trial_file(claim, "failed", settings, error=str(exc))
+        write_trial_file(claim, tell(claim, optuna.trial.TrialState.FAIL), settings, error=str(exc))
         log.warning("trial %d failed: %s", claim.number, exc)
         return
     except TrainingInterrupted as exc:
         claim.trial.set_user_attr("interrupted", str(exc))
         write_trial_file(claim, "interrupted", settings, error=str(exc))
         raise TrainingInterrupted(f"trial {claim.number}: {exc}", checkpoint=exc.checkpoint, advice=RESUME_ADVICE) from None
-    except ConfigError as exc:
-        raise ConfigError(f"trial {claim.number} ({describe_params(claim.params)}): {exc}") from None
+    except TrainkitError as exc:  # the user's to fix (data, a factory): the trial stays RUNNING, to resume
+        raise type(exc)(f"trial {claim.number} ({describe_params(claim.params)}): {exc}") from None
     value = summary.get("best_val_metric")
     pruned_at = claim.trial.user_attrs.get("pruned_at")
     states = optuna.trial.TrialState
