@@ -6,7 +6,8 @@ Each study is one `trainkit tune` command (as a user runs it) on the default MLP
 decay, dropout and batch size (SPACE below), run one after another on the same machine; a last one
 repeats TPE + median pruning with --workers 2 (one thread each). Reported per study: the best
 validation accuracy, the test accuracy of the best trial's run, the whole command's wall time,
-the epochs trained over all trials, and the trials pruned with the epoch each was pruned at. Results: benchmarks/results/tuning.json and docs/tuning.md.
+the epochs trained over all trials, and the trials pruned with the epoch each was pruned at.
+Results: benchmarks/results/tuning.json and docs/tuning.md.
 """
 
 from __future__ import annotations

@@ -121,6 +121,14 @@ def test_pruning_stops_a_trial_at_the_validation_it_fails_and_records_it(tmp_pat
     assert outcome["monitor"] == "val_accuracy" and outcome["best_trial"] == good.number
 
 
+def test_with_val_every_steps_the_pruner_sees_each_validation_by_its_optimizer_step(tmp_path):
+    outcome = tune({**BASE, "epochs": 1, "val_every_steps": 20}, {"lr": {"choices": [3e-3]}}, trials=1,
+                   out=tmp_path / "study", pruner="hyperband")  # fmt: skip
+    (trial,) = study_of(tmp_path / "study").get_trials()
+    assert list(trial.intermediate_values) == [20, 40, 50]  # two mid-epoch points and the epoch's end
+    assert outcome["trials"]["complete"] == 1
+
+
 def test_two_workers_share_one_study_without_taking_a_trial_twice(tmp_path):
     space = tmp_path / "space.toml"
     space.write_text(SPACE)
@@ -245,6 +253,7 @@ def test_a_bad_space_is_one_line_before_any_trial(tmp_path, space, message):
         ({"sampler": "grid"}, r"--sampler grid needs choices or a step for every setting; \[lr\] is a continuous range"),
         ({"sampler": "annealing"}, "--sampler must be one of tpe, random, grid"),
         ({"workers": 0}, "--workers must be an integer in 1.."),
+        ({"sampler_seed": -1}, "--sampler-seed must be an integer in 0.."),
         ({"base": {**BASE, "monitor": "val_f1"}}, "--monitor 'val_f1' is not a metric of the run"),
         ({"base": {**BASE, "strategy": "ddp"}}, "runs each trial as one process"),
         ({"base": {**BASE, "lr": -1.0}}, "--lr must be a positive finite number"),

@@ -50,8 +50,9 @@ def tune(
     """Run (or continue) the study in ``out`` until it holds ``trials`` trials; returns its outcome.
 
     ``base``: the settings every trial starts from (a config file's keys, e.g. ``{"dataset": "mnist",
-    "epochs": 5}``, or a TrainConfig); ``space``: the space tables (trainkit.tune.space) or a space file. ``sampler``:
-    tpe, random or grid; ``pruner``: median, hyperband or none (or Optuna objects, one worker only).
+    "epochs": 5}``, or a TrainConfig); ``space``: the space tables (trainkit.tune.space) or a space
+    file. ``sampler``: tpe, random or grid; ``pruner``: median, hyperband or none (or Optuna
+    objects, one worker only).
     """
     require_optuna()
     from trainkit.config import load_config_file

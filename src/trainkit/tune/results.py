@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from trainkit.errors import ConfigError
 from trainkit.rundir import read_json, write_atomically
 from trainkit.tune.study import TuneSpec, trial_folder
 from trainkit.tune.trials import TRIAL_FILE, describe_params
-
-log = logging.getLogger("trainkit")
 
 BEST_FILE = "best.toml"
 # Optuna's plots in report.md: file -> (title, function name in optuna.visualization.matplotlib)
@@ -56,7 +53,8 @@ def write_results(spec: TuneSpec, study: Any) -> dict[str, Any]:
 
     trials = study.get_trials(deepcopy=False)
     states = optuna.trial.TrialState
-    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in (states.COMPLETE, states.PRUNED, states.FAIL, states.RUNNING)}
+    counted = (states.COMPLETE, states.PRUNED, states.FAIL, states.RUNNING)
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in counted}
     write_trials_csv(spec, trials)
     complete = [t for t in trials if t.state == states.COMPLETE]
     best = study.best_trial if complete else None

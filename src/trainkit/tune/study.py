@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainkit.config import recipe_config
+from trainkit.config import MAX_SEED, recipe_config
 from trainkit.errors import ConfigError
 from trainkit.run import RESUMABLE_OVERRIDES
 from trainkit.rundir import is_locked, lock_run_folder, read_json, waiting_for_lock, write_atomically
 from trainkit.tune import PRUNERS, SAMPLERS
 from trainkit.tune.space import Dimension, grid_space, parse_space
-
-log = logging.getLogger("trainkit")
 
 STUDY_FILE = "tune.json"
 CLAIM_LOCK = ".claim.lock"
@@ -72,6 +69,11 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
     the sampler and pruner; fill in the defaults (objective, storage, study name)."""
     if isinstance(spec.trials, bool) or not isinstance(spec.trials, int) or spec.trials < 1:
         raise ConfigError(f"--trials must be an integer >= 1, got {spec.trials!r}")
+    seed = spec.sampler_seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - spec.trials:
+        raise ConfigError(f"--sampler-seed must be an integer in 0..{MAX_SEED - spec.trials}, got {spec.sampler_seed!r}")
+    if spec.storage is not None and not isinstance(spec.storage, str):
+        raise ConfigError(f"--storage must be an Optuna storage URL, got {type(spec.storage).__name__}")
     for name, value, names in (("--sampler", spec.sampler, SAMPLERS), ("--pruner", spec.pruner, PRUNERS)):
         if isinstance(value, str) and value not in names:
             raise ConfigError(f"{name} must be one of {', '.join(names)}, got {value!r}")
