@@ -211,7 +211,7 @@ def test_a_study_continues_only_with_its_own_settings_and_may_grow(tmp_path):
     tune({**BASE, "epochs": 1}, space, trials=1, out=folder)
     with pytest.raises(ConfigError, match=r"holds a study started with other settings \(space: lr"):
         tune({**BASE, "epochs": 1}, {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, trials=1, out=folder)
-    with pytest.raises(ConfigError, match=r"other settings \(base: epochs 1 -> 2\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(base: epochs: 1 -> 2\)"):
         tune({**BASE, "epochs": 2}, space, trials=1, out=folder)
     outcome = tune({**BASE, "epochs": 1}, space, trials=2, out=folder)  # a bigger budget continues it
     assert outcome["trials"]["complete"] == 2 and [t.number for t in study_of(folder).get_trials()] == [0, 1]

@@ -373,6 +373,8 @@ def run_compare(args: argparse.Namespace) -> int:
     seeds = {"seeds": args.seeds} if args.seeds is not None else {}
     text = {"data_file": args.data_file} if args.experiment in TEXT_COMPARISONS else {}
     compare(args.out, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir, **seeds, **text)
+    from trainkit.report import write_report
+
     write_report([Path(args.out)], Path(args.out) / "report.html")
     print(f"wrote {Path(args.out) / 'report.md'} and report.html")
     return 0
@@ -386,21 +388,12 @@ def run_runs(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from trainkit.report import write_report
+
     path = write_report([Path(folder) for folder in args.folders], Path(args.out))
     print(f"wrote {path}")
     return 0
 
-
-def write_report(folders: list[Path], path: Path) -> Path:
-    from trainkit.report import build_report
-    from trainkit.rundir import write_atomically
-
-    page = build_report(folders)
-    try:
-        write_atomically(path, page)
-    except OSError as exc:
-        raise TrainkitError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --out") from None
-    return path
 
 
 def run_profile(args: argparse.Namespace) -> int:

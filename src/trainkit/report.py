@@ -16,8 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from trainkit.errors import ConfigError
+from trainkit.errors import ConfigError, TrainkitError
 from trainkit.plots import agg_figure
+from trainkit.rundir import write_atomically
 from trainkit.runs import RunInfo, differing_settings, find_runs, read_run
 
 CURVE_SKIP = ("epoch", "step", "epoch_seconds", "samples_per_second", "skipped_steps")
@@ -135,3 +136,13 @@ def build_report(folders: Sequence[Path]) -> str:
     body += [comparison_section(folder) for folder in comparisons]
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>trainkit report</title>'
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
+
+
+def write_report(folders: Sequence[Path], path: Path) -> Path:
+    """build_report's page written atomically to ``path``; a path that cannot be written is one line."""
+    page = build_report(folders)
+    try:
+        write_atomically(path, page)
+    except OSError as exc:
+        raise TrainkitError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --out") from None
+    return path

@@ -153,9 +153,9 @@ def report_markdown(spec: TuneSpec, trials: list[Any], best: Any, counts: dict[s
 
 def write_html_report(spec: TuneSpec) -> None:
     """report.md with its plots, then the trial runs' curves and settings (trainkit.report)."""
-    from trainkit.report import build_report
+    from trainkit.report import write_report
 
     folders: list[Path] = [spec.folder]
     if any((spec.folder / "trials").glob("*/config.json")):
         folders.append(spec.folder / "trials")
-    write_atomically(spec.folder / "report.html", build_report(folders))
+    write_report(folders, spec.folder / "report.html")

@@ -20,7 +20,7 @@ from typing import Any
 
 from trainkit.config import MAX_SEED, recipe_config
 from trainkit.errors import ConfigError
-from trainkit.run import RESUMABLE_OVERRIDES
+from trainkit.run import RESUMABLE_OVERRIDES, config_differences
 from trainkit.rundir import is_locked, lock_run_folder, read_json, waiting_for_lock, write_atomically
 from trainkit.tune import PRUNERS, SAMPLERS
 from trainkit.tune.space import Dimension, grid_space, parse_space
@@ -126,9 +126,8 @@ def record_study(spec: TuneSpec) -> None:
 
 
 def describe_difference(key: str, saved: Any, now: Any) -> str:
-    if isinstance(saved, dict) and isinstance(now, dict):
-        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        return f"{key}: " + ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys)
+    if isinstance(saved, dict) and isinstance(now, dict):  # the base settings, or the space's tables
+        return f"{key}: " + ", ".join(config_differences(saved, now))
     return f"{key} {saved!r} -> {now!r}"
 
 
