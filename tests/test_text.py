@@ -21,7 +21,8 @@ from trainkit.cli import EXIT_USAGE
 from trainkit.config import recipe_config
 from trainkit.errors import ConfigError
 from trainkit.init import GPT_STD, init_weights
-from trainkit.run import export_safetensors, load_safetensors, train_run
+from trainkit.export import export_safetensors, load_safetensors
+from trainkit.run import train_run
 from trainkit.text.data import RandomWindows, load_text, validation_batches, window_pairs
 from trainkit.text.generate import generate
 from trainkit.text.models import LSTMLanguageModel, Transformer, parameter_count

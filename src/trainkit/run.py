@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from trainkit import distributed
@@ -33,7 +31,7 @@ from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import (
     CheckpointDir, all_finite, load_checkpoint, model_sha256, state_dict_mismatch, verify_checkpoint,
 )  # fmt: skip
-from trainkit.batches import EpochBatches
+from trainkit.batches import EpochBatches, as_epoch_batches
 from trainkit.components import (
     RunData, build_model_from_config, build_run_task, check_samples, data_fingerprint, evaluation_data,
     load_training_data, rows_of, seeded_data_and_model, training_batches,
@@ -41,15 +39,17 @@ from trainkit.components import (
 from trainkit.data import DatasetSplits
 from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name, is_factory_path
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
+from trainkit.export import SUFFIXES, export_model, export_safetensors
 from trainkit.faults import crash_point
 from trainkit.loggers import MLflowBackend, RunLogger, TensorBoardBackend, check_loggers
 from trainkit.lr_finder import lr_find
 from trainkit.optim import build_optimizer
 from trainkit.plots import plot_history
 from trainkit.runs import FAILURE_FILE
-from trainkit.rundir import holding_run_folder, read_json, replacing_atomically, write_atomically
+from trainkit.rundir import holding_run_folder, read_json, write_atomically
 from trainkit.schedules import build_scheduler
 from trainkit.signals import GracefulStop, graceful_stop
+from trainkit.runtime import map_tensors
 from trainkit.tasks import Task
 from trainkit.factories import build_user_model
 from trainkit.text.data import TextData, bits_per_token
@@ -565,40 +565,6 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
     return {"out": str(out_dir), **{key: found[key] for key in ("suggested_lr", "suggestions", "stopped_early")}}
 
 
-def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
-    """Weights in safetensors: loadable anywhere without unpickling anything.
-
-    A tied weight (a language model's head and token embedding) is stored once; the metadata's
-    ``tied`` maps the other names to it, and ``load_safetensors`` puts them back.
-    """
-    state: dict[str, torch.Tensor] = {}
-    tied: dict[str, str] = {}
-    first_name: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for key, value in state_dict.items():
-        where = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        if where in first_name:
-            tied[key] = first_name[where]
-            continue
-        first_name[where] = key
-        state[key] = value.detach().cpu().contiguous()
-    metadata = {"model_sha256": model_sha256({**state, **{key: state[name] for key, name in tied.items()}})}
-    if tied:
-        metadata["tied"] = json.dumps(tied)
-    with replacing_atomically(path) as tmp:
-        try:
-            save_file(state, str(tmp), metadata=metadata)
-        except SafetensorError as exc:  # how safetensors reports I/O failures such as a full disk
-            raise OSError(None, str(exc)) from exc
-
-
-def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A state_dict from ``export_safetensors``' file, tied weights under all their names."""
-    with safe_open(str(path), framework="pt", device=device) as file:
-        state = {key: file.get_tensor(key) for key in file.keys()}
-        tied = json.loads((file.metadata() or {}).get("tied", "{}"))
-    return {**state, **{key: state[name] for key, name in tied.items()}}
-
-
 def summarise(
     trainer: Trainer, history: list[dict], test: dict[str, float], tta: dict[str, float], *, wall_seconds: float
 ) -> dict:
@@ -630,9 +596,11 @@ def has_best_checkpoint(trainer: Trainer) -> bool:
     return trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file()
 
 
-def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict:
-    """Test-set loss and metrics of a checkpoint, its model and data rebuilt from the settings stored
-    in it (a user's model from its recorded MODULE:FUNCTION factory and arguments)."""
+def checkpoint_model(
+    path: str | Path, *, data_dir: str | None = None, device: str = "auto"
+) -> tuple[TrainConfig, RunData, nn.Module, dict]:
+    """A checkpoint's model with its (evaluation) weights, and the config and data it was trained
+    with, rebuilt from the settings stored in it (a user's model from its MODULE:FUNCTION factory)."""
     payload = load_checkpoint(path)
     try:
         config = config_from_dict(saved_settings(payload), source=f"the settings stored in {path}").resolved()
@@ -646,6 +614,12 @@ def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device
     if mismatch is not None:
         raise CheckpointError(f"{path}: its weights do not fit the model its settings describe ({mismatch})")
     model.load_state_dict(evaluation_weights(payload))
+    return config, data, model, payload
+
+
+def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict:
+    """Test-set loss and metrics of a checkpoint (the validation split's when there is no test set)."""
+    config, data, model, payload = checkpoint_model(path, data_dir=data_dir, device=device)
     trainer = Trainer(model, config, task=build_run_task(config))
     split = "test" if getattr(data, "test", None) is not None else "val"
     evaluated = evaluation_data(config, data, split)
@@ -655,6 +629,27 @@ def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device
     return {"checkpoint": str(path), "epoch": payload["epoch"], "split": split,
             **{f"test_{name}": value for name, value in sorted(results.items(), key=lambda item: item[0] == "loss")},
             "test_samples": rows_of(getattr(data, split))}  # fmt: skip
+
+
+EXAMPLE_ROWS = 16  # the validation rows an export is verified on
+
+
+def export_checkpoint(path: str | Path, *, format: str, out: str | Path | None = None,
+                      data_dir: str | None = None) -> dict:  # fmt: skip
+    """`trainkit export`: the checkpoint's model (its EMA/SWA weights when it has them) in ``format``,
+    verified on the first validation rows (trainkit.export); ``out`` defaults to the checkpoint's
+    path with the format's suffix."""
+    if format not in SUFFIXES:
+        raise ConfigError(f"--format must be one of {', '.join(SUFFIXES)}, got {format!r}")
+    config, data, model, _ = checkpoint_model(path, data_dir=data_dir, device="cpu")
+    split = "val" if getattr(data, "val", None) is not None else "test"
+    evaluated = evaluation_data(config, data, split)
+    if evaluated is None:
+        raise ConfigError(f"{config.dataset} returned no validation or test data to verify the export on")
+    batch = next(iter(as_epoch_batches(evaluated, batch_size=EXAMPLE_ROWS, shuffle=False).epoch(0, 0)))
+    inputs = map_tensors(lambda tensor: tensor[:EXAMPLE_ROWS], build_run_task(config).split(batch)[0])
+    target = Path(out) if out is not None else Path(path).with_suffix(SUFFIXES[format])
+    return export_model(model, inputs, format, target, rebuild=lambda: build_model_from_config(config, data))
 
 
 def generate_from_checkpoint(
