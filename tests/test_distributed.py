@@ -42,6 +42,10 @@ EXACT = ["--norm", "none", "--dropout", "0"]  # per-rank BatchNorm statistics / 
 RESUMABLE = ["--augment", "1", "--checkpoint-every-steps", "10"]  # default norm=batch, dropout=0.3
 STEPS = 2 * 16  # 2 epochs x (15 full global batches + 1 short one)
 DDP_VS_SINGLE_ATOL = 1e-6
+# SGD, not AdamW: the bias of a Linear before BatchNorm has a zero gradient up to rounding, which
+# Adam's normalised step turns into lr-sized random moves (measured 8e-4 apart after 32 steps).
+SGD_BN = ["--dropout", "0", "--optimizer", "sgd", "--lr", "0.05"]
+SYNC_BN_ATOL = 1e-5  # global statistics from all-reduced sums (E[x^2] - mean^2) vs one process's batch_norm
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
@@ -202,6 +206,43 @@ def test_ddp_final_weights_match_a_single_process_run_with_the_same_global_batch
     for a, b in zip(history_rows(single_run), history_rows(ddp_run), strict=True):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key  # metrics cover all ranks' samples
+
+
+def test_two_nodes_of_one_process_each_train_what_one_node_of_two_processes_trains(ddp_run, tmp_path):
+    """`torchrun --nnodes 2 --node-rank 0/1`, a static rendezvous on 127.0.0.1, one process per
+    "node", both on this machine and one shared --out: the same 2-rank run, bit for bit."""
+    out, port = tmp_path / "run", str(free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_KILL") and k not in TORCHRUN_ENV}
+    env.update(OMP_NUM_THREADS="1", TRAINKIT_OFFLINE="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "trainkit", "train", *RUN, *EXACT, "--strategy", "ddp", "--out", str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for rank in (0, 1)]  # fmt: skip
+    results = [node.communicate(timeout=180) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results[1][1][-2000:] + results[0][1][-2000:]
+    two_nodes, one_node = weights(out), weights(ddp_run)
+    assert all(torch.equal(two_nodes[key], one_node[key]) for key in one_node)
+    assert history_rows(out)[-1]["val_loss"] == history_rows(ddp_run)[-1]["val_loss"]
+    assert json.loads((out / "summary.json").read_text())["optimizer_steps"] == STEPS
+
+
+def test_sync_batchnorm_gives_two_processes_the_statistics_of_one_process_over_the_global_batch(tmp_path):
+    """With BatchNorm (dropout off, SGD): --sync-batchnorm DDP equals one process within SYNC_BN_ATOL,
+    running statistics included; plain DDP normalises each rank's half-batch and ends far from it."""
+    single = tmp_path / "single"
+    assert main(["train", *RUN, *SGD_BN, "--strategy", "single", "--out", str(single)]) == 0
+    runs = {name: tmp_path / name for name in ("synced", "plain")}
+    for name, extra in (("synced", ["--sync-batchnorm"]), ("plain", [])):
+        result = torchrun(runs[name], *SGD_BN, *extra)
+        assert result.returncode == 0, result.stderr
+    reference = weights(single)
+    synced, plain = (max_abs_difference(reference, weights(run)) for run in runs.values())
+    assert synced < SYNC_BN_ATOL, synced
+    assert plain > 100 * SYNC_BN_ATOL, plain
+    statistics = [key for key in reference if key.endswith(("running_mean", "running_var"))]
+    assert statistics and max_abs_difference({k: reference[k] for k in statistics},
+                                             {k: weights(runs["synced"])[k] for k in statistics}) < SYNC_BN_ATOL
 
 
 def test_only_rank_0_writes_files(single_run, ddp_run):

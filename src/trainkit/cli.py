@@ -184,6 +184,8 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     flag("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC conv layout (default: on for cnn)")
     flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     flag("--threads", type=int, help="torch intra-op threads (default: one per core)")
+    flag("--sync-batchnorm", action=argparse.BooleanOptionalAction,
+         help="under ddp: BatchNorm normalises with the global batch's statistics, not each rank's (default off)")
     flag("--grad-checkpointing", action=argparse.BooleanOptionalAction,
          help="recompute activations in backward: less memory for ~1 extra forward (default off)")
     flag("--patience", type=int, help="early-stopping patience in epochs; 0 = off (default 5)")

@@ -150,6 +150,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slower on the MNIST models on CPU, see benchmarks)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
+    sync_batchnorm: bool = False  # under DDP: BatchNorm statistics of the global batch, not each rank's
     # early stopping and checkpoints
     patience: int = 5  # 0 turns early stopping off
     min_delta: float = 0.0
@@ -416,6 +417,7 @@ LOOP_FIELDS = (
     "label_smoothing", "precision", "channels_last", "compile", "monitor", "monitor_mode", "min_delta",
     "keep_checkpoints", "keep_every_epochs", "checkpoint_every_steps", "on_save_error", "on_nonfinite",
     "rollback_lr_factor", "max_rollbacks", "max_skipped_steps", "seed", "device", "strategy", "threads",
+    "sync_batchnorm",
 )  # fmt: skip
 
 

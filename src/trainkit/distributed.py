@@ -190,3 +190,72 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buffer in module.buffers():
         dist.broadcast(buffer, src=src)
+
+
+# ------------------------------------------------------- --sync-batchnorm
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch of every process.
+
+    torch.nn.SyncBatchNorm, which trainkit uses on CUDA, refuses CPU tensors; this is the same
+    computation for gloo: per-channel sums, sums of squares and the count are all-reduced with
+    torch.distributed.nn's differentiable all_reduce (its backward all-reduces the gradient, as
+    SyncBatchNorm's does), so every rank normalises with the global mean and variance and keeps
+    the same running statistics. Parameters, buffers and state_dict keys are BatchNorm's.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of (N, C, ...), got {input.dim()}D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_active() and world_size() > 1):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels, x = input.shape[1], input.float()
+        dims = [0, *range(2, input.dim())]
+        count = torch.full((1,), input.numel() / channels, device=input.device)
+        total = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = total[-1]
+        mean = total[:channels] / n
+        var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            self._update_running_stats(mean.detach(), var.detach() * n / (n - 1).clamp_min(1))
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        self.num_batches_tracked += 1
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), momentum)
+
+
+def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """--sync-batchnorm: every BatchNorm of ``model`` computes global-batch statistics (CUDA: torch's
+    SyncBatchNorm; CPU: GlobalBatchNorm). Parameters and buffers are kept, so an optimizer built
+    on the model, and its checkpoints, stay valid."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return _with_global_batchnorm(model)
+
+
+def _with_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        synced = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                 module.track_running_stats)  # fmt: skip
+        if module.affine:  # the same tensors, as torch's convert_sync_batchnorm keeps them
+            synced.weight, synced.bias = module.weight, module.bias
+        synced.running_mean, synced.running_var = module.running_mean, module.running_var
+        synced.num_batches_tracked = module.num_batches_tracked
+        synced.train(module.training)
+        return synced
+    for name, child in module.named_children():
+        converted = _with_global_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

@@ -136,9 +136,12 @@ def fingerprint_differences(saved: Any, current: dict[str, str]) -> list[str]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings that differ between two configs, ignoring where/how the run executes."""
+    """Settings that differ between two configs, ignoring where/how the run executes. A setting the
+    saved config predates (an older trainkit's checkpoint) counts as its default."""
+    defaults = TrainConfig().to_dict()
     keys = sorted((set(saved) | set(current)) - set(RESUMABLE_OVERRIDES))
-    return [f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
+    was = {key: saved.get(key, defaults.get(key)) for key in keys}
+    return [f"{key}: {was[key]!r} -> {current.get(key)!r}" for key in keys if was[key] != current.get(key)]
 
 
 def resume_config(out_dir: Path, overrides: dict[str, Any], *, force: bool = False) -> TrainConfig:

@@ -246,6 +246,8 @@ class Trainer:
         # DDP and the compiled wrapper only run the forward; self.model keeps the plain state_dict
         # keys. Evaluation bypasses DDP: ranks evaluate different numbers of batches and DDP's
         # per-forward buffer broadcast would make them wait for each other.
+        if self.config.sync_batchnorm and self.distributed:
+            self.model = distributed.sync_batchnorm(self.model, self.device)
         self.ddp_model = self._wrap_ddp(self.model) if self.distributed else None
         train_module = self.model if self.ddp_model is None else self.ddp_model
         self.forward = torch.compile(train_module) if self.config.compile else train_module
