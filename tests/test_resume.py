@@ -188,3 +188,11 @@ def test_a_run_that_stopped_early_resumes_without_training_more_epochs(synthetic
         train_run(synthetic_config(**options), extra_callbacks=[CrashAtFitEnd()])
     resumed = train_run(resume_config(tmp_path / "run", {}), resume=True)
     assert (resumed["epochs_run"], resumed["model_sha256"]) == (full["epochs_run"], full["model_sha256"])
+
+
+def test_a_setting_an_older_checkpoint_predates_counts_as_its_default():
+    from trainkit.run import config_differences
+
+    saved = {"lr": 1e-3}  # written before sync_batchnorm existed
+    assert config_differences(saved, {"lr": 1e-3, "sync_batchnorm": False}) == []
+    assert config_differences(saved, {"lr": 1e-3, "sync_batchnorm": True}) == ["sync_batchnorm: False -> True"]

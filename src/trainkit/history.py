@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from trainkit import distributed
+from trainkit.errors import CheckpointError
 from trainkit.metrics import MetricSet
 
 # The columns every run has, in this order; the task's metrics follow train_loss / val_loss, and
@@ -87,6 +88,27 @@ class EpochMeter:
         self.weight = weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
         self.rows, self.steps, self.skipped = state["rows"], state["steps"], state["skipped"]
         self.metrics.load_state_dict(state["metrics"])
+
+
+def merged_meter_state(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several ranks' running sums as one meter's (a mid-epoch resume on another world size): the
+    loss, sample weight, rows and metric sums added; the per-step values every rank shares (gradient
+    norm, clip and skip counts: gradients are averaged before clipping) taken once."""
+    merged = dict(states[0])
+    merged["loss_sum"] = sum(state["loss_sum"] for state in states)
+    merged["weight"] = sum(state["weight"] for state in states)
+    merged["rows"] = sum(state["rows"] for state in states)
+    merged["metrics"] = {name: merged_metric_sums(name, [state["metrics"][name] for state in states])
+                         for name in states[0]["metrics"]}  # fmt: skip
+    return merged
+
+
+def merged_metric_sums(name: str, sums: list[Any]) -> Any:
+    if all(isinstance(value, torch.Tensor) for value in sums):
+        return sum(sums)
+    raise CheckpointError(f"metric {name!r} (torchmetrics) keeps running state that cannot be split across another "
+                          f"number of processes; resume this mid-epoch checkpoint with the same number, or from an "
+                          f"epoch's end")  # fmt: skip
 
 
 def _mean(total: float, count: float) -> float:

@@ -215,13 +215,6 @@ def checkpoint_to_resume(
     log.info("resuming from %s", path)
     if main and path != checkpoints.best_path:
         set_aside_damaged_best(checkpoints)
-    saved_world = payload["run_info"].get("world_size", 1)
-    if saved_world != distributed.world_size():
-        raise CheckpointError(
-            f"--resume: {path} was written by {saved_world} process(es) but this run has {distributed.world_size()}; "
-            f"resume with the same world size (e.g. torchrun --nproc_per_node {saved_world} ... --strategy ddp"
-            f"{'' if saved_world > 1 else ', or without torchrun'})"
-        )
     if force:
         return payload
     differences = config_differences(saved_settings(payload), config.to_dict())

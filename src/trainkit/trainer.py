@@ -49,7 +49,7 @@ from trainkit.config import DEFAULT_SKIP_FRACTION, LOOP_MONITORABLE, TrainConfig
 from trainkit.batches import DeviceBatches, EpochBatches, LoaderBatches, as_epoch_batches
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.faults import crash_point
-from trainkit.history import EpochMeter, HistoryFile, format_epoch
+from trainkit.history import EpochMeter, HistoryFile, format_epoch, merged_meter_state
 from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.optim import batch_scaled_lr, build_optimizer, check_user_optimizer
 from trainkit.rundir import holding_run_folder, remove_stale_temp_files
@@ -481,7 +481,8 @@ class Trainer:
         self._batches_done = 0
         self._validated_this_epoch = False
         if self._pending_position is not None:
-            self._meter.load_state_dict(self._pending_position["meter"])
+            if self._pending_position["meter"] is not None:  # None: a rank added by a world-size change
+                self._meter.load_state_dict(self._pending_position["meter"])
             self._batches_done = self._pending_position["batches_done"]
             self._validated_this_epoch = self._pending_position.get("validated", False)
             self._pending_position = None
@@ -937,13 +938,7 @@ class Trainer:
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         """Restore a checkpoint's state; parts that do not fit this run are one CheckpointError."""
-        saved_world = payload.get("run_info", {}).get("world_size", 1)
-        if saved_world != self.world_size:
-            raise CheckpointError(
-                f"this checkpoint was written by {saved_world} process(es) but {self.world_size} are running; "
-                f"resume with the same number of processes (torchrun --nproc_per_node x --nnodes)"
-            )
-        own = payload["per_rank"][self.rank] if "per_rank" in payload else None
+        own = self._rank_state(payload)
         mismatch = state_dict_mismatch(self.model, payload["model"])
         if mismatch is not None:
             raise CheckpointError(f"the checkpoint's weights do not fit this model ({mismatch}): it was written "
@@ -953,6 +948,29 @@ class Trainer:
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
             problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"the checkpoint's state does not fit this run ({problem})") from None
+
+    def _rank_state(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """This rank's RNG streams and the epoch's running sums: its own, on the world size that wrote
+        them. On another one (N processes' checkpoint resumed on M): the weights, optimizer, schedule,
+        counters and the data position (in global batches, each epoch's order a function of (seed,
+        epoch)) carry over; rank 0 takes the ranks' summed running sums, and every rank starts new
+        dropout/augmentation streams: the run continues, but not bit for bit."""
+        saved_world = payload.get("run_info", {}).get("world_size", 1)
+        if saved_world == self.world_size:
+            return payload["per_rank"][self.rank] if "per_rank" in payload else None
+        if isinstance(self.train_batches, LoaderBatches):
+            raise CheckpointError(
+                f"this checkpoint was written by {saved_world} process(es) but {self.world_size} are running, and "
+                f"your DataLoader's position is per process; resume with {saved_world} (torchrun --nproc_per_node)"
+            )
+        meter = None
+        if payload["position"] is not None and self.rank == 0:
+            ranks = payload.get("per_rank") or [{"meter": payload["position"]["meter"]}]
+            meter = merged_meter_state([saved["meter"] for saved in ranks])
+        log.warning("resuming a checkpoint of %d process(es) on %d: training continues from optimizer step %d with "
+                    "the same data order, but not bit for bit (new per-process dropout and augmentation streams)",
+                    saved_world, self.world_size, payload["global_step"])  # fmt: skip
+        return {"rng": None, "meter": meter}
 
     def _restore(self, payload: dict[str, Any], own: dict[str, Any] | None) -> None:
         self.model.load_state_dict(payload["model"])
@@ -988,6 +1006,12 @@ class Trainer:
         if payload.get("data") and hasattr(self.train_batches, "load_state_dict"):
             self.train_batches.load_state_dict(payload["data"])  # a StatefulDataLoader's position
         rng = own["rng"] if own is not None else payload["rng"]
+        if rng is None:  # another world size: streams of (seed, step, rank)
+            seed = distributed.rank_seed(self.config.seed + payload["global_step"], self.rank)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            return
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
