@@ -350,3 +350,22 @@ def test_under_ddp_only_rank_0_logs_and_the_log_holds_the_global_history(tmp_pat
     scalars = tensorboard_scalars(out)
     assert [value for _, value in scalars["epoch/val_loss"]] == pytest.approx(
         [row["val_loss"] for row in history_rows(out)], rel=1e-6)  # fmt: skip
+
+
+def test_a_dataloader_run_resumes_only_on_the_world_size_that_wrote_it(tmp_path):
+    """Your DataLoader keeps its position per process: another world size is one line, not a wrong order."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from trainkit.errors import CheckpointError
+    from trainkit.trainer import Trainer
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)
+    config = TrainConfig(epochs=1, batch_size=16, device="cpu", patience=0)
+    Trainer(nn.Linear(4, 2), config, out_dir=tmp_path / "run").fit(loader)
+    payload = load_checkpoint(tmp_path / "run" / "checkpoints" / "epoch-0001.pt")
+    payload["run_info"]["world_size"] = 2  # as if two processes had written it
+    longer = TrainConfig(epochs=2, batch_size=16, device="cpu", patience=0)
+    with pytest.raises(CheckpointError, match=r"written by 2 process\(es\) but 1 are running, and your DataLoader's"):
+        Trainer(nn.Linear(4, 2), longer, out_dir=tmp_path / "run").fit(loader, resume_from=payload)
