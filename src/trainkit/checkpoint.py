@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainkit.errors import CheckpointError
+from trainkit.errors import CheckpointError, first_line
 from trainkit.faults import crash_point
 from trainkit.rundir import fsync_directory, is_disk_full, remove_stale_temp_files, temp_path
 
@@ -157,7 +157,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {path} holds objects trainkit does not store (refused by safe loading): {_unpickler_reason(exc)}"
         ) from None
     except Exception as exc:  # torch's readers raise RuntimeError, KeyError, EOFError, ... on foreign bytes
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {_first_line(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {first_line(exc)}") from None
     problem = payload_problem(payload)
     if problem is not None:
         raise CheckpointError(f"{path} is not a complete trainkit checkpoint: {problem}")
@@ -199,12 +199,7 @@ def _unpickler_reason(exc: BaseException) -> str:
     if match:
         return f"refused global {match.group(1)}"
     match = re.search(r"Unsupported operand \S+", text)
-    return match.group(0) if match else _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return match.group(0) if match else first_line(exc)
 
 
 # ------------------------------------------------------------------- the folder

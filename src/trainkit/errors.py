@@ -6,6 +6,13 @@ prints these as one line and exits non-zero instead of showing a traceback.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type's name when it has no message), for one-line errors that
+    quote a library's own."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class TrainkitError(Exception):
     """Base class for errors that a user can act on."""
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainkit.checkpoint import model_sha256
-from trainkit.errors import ConfigError, OutputError, TrainkitError
+from trainkit.errors import ConfigError, OutputError, TrainkitError, first_line
 from trainkit.rundir import replacing_atomically, write_atomically
 
 EXPORT_FORMATS = ("safetensors", "torch-export", "onnx")
@@ -189,8 +189,3 @@ def all_close(expected: Any, actual: Any) -> bool:
     pairs = list(zip(tensors_of(expected), tensors_of(actual)))
     return bool(pairs) and all(e.shape == a.shape and torch.allclose(e.detach().cpu().float(), a.detach().cpu().float(),
                                                                     **OUTPUT_TOLERANCE) for e, a in pairs)  # fmt: skip
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -55,7 +55,8 @@ def write_results(spec: TuneSpec, study: Any) -> dict[str, Any]:
     states = optuna.trial.TrialState
     counted = (states.COMPLETE, states.PRUNED, states.FAIL, states.RUNNING)
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in counted}
-    write_trials_csv(spec, trials)
+    table = trial_rows(spec, trials)  # one read of every trial's summary, for trials.csv and report.md
+    write_trials_csv(spec, table)
     complete = [t for t in trials if t.state == states.COMPLETE]
     best = study.best_trial if complete else None
     outcome: dict[str, Any] = {"study": spec.study_name, "out": spec.out, "trials": counts, "monitor": spec.monitor}
@@ -64,7 +65,7 @@ def write_results(spec: TuneSpec, study: Any) -> dict[str, Any]:
         outcome.update(best_trial=best.number, best_value=best.value, best_params=best.params,
                        best_run=str(trial_folder(spec, best.number)), best_config=str(spec.folder / BEST_FILE))  # fmt: skip
     notes = draw_plots(spec, study)
-    write_atomically(spec.folder / "report.md", report_markdown(spec, trials, best, counts, notes))
+    write_atomically(spec.folder / "report.md", report_markdown(spec, table, best, counts, notes))
     write_html_report(spec)
     return outcome
 
@@ -83,8 +84,8 @@ def trial_rows(spec: TuneSpec, trials: list[Any]) -> tuple[list[str], list[list[
     return header, rows
 
 
-def write_trials_csv(spec: TuneSpec, trials: list[Any]) -> None:
-    header, rows = trial_rows(spec, trials)
+def write_trials_csv(spec: TuneSpec, table: tuple[list[str], list[list[Any]]]) -> None:
+    header, rows = table
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
@@ -129,7 +130,9 @@ def draw_plots(spec: TuneSpec, study: Any) -> dict[str, str]:
     return notes
 
 
-def report_markdown(spec: TuneSpec, trials: list[Any], best: Any, counts: dict[str, int], notes: dict[str, str]) -> str:
+def report_markdown(
+    spec: TuneSpec, table: tuple[list[str], list[list[Any]]], best: Any, counts: dict[str, int], notes: dict[str, str]
+) -> str:
     direction = "maximise" if spec.direction == "maximize" else "minimise"
     sampler = spec.sampler if isinstance(spec.sampler, str) else type(spec.sampler).__name__
     pruner = spec.pruner if isinstance(spec.pruner, str) else type(spec.pruner).__name__
@@ -141,7 +144,7 @@ def report_markdown(spec: TuneSpec, trials: list[Any], best: Any, counts: dict[s
     if best is not None:
         lines += [f"Best: trial {best.number}, `{spec.monitor}` {best.value:.6g} ({describe_params(best.params)}); "
                   f"`trainkit train --config {spec.folder / BEST_FILE} --out NEW` trains it again.", ""]  # fmt: skip
-    header, rows = trial_rows(spec, trials)
+    header, rows = table
     lines += ["## Trials", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in rows]
     lines += ["", "## Plots (Optuna's)", ""]

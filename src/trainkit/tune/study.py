@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainkit.config import MAX_SEED, recipe_config
-from trainkit.errors import ConfigError
+from trainkit.errors import ConfigError, first_line
 from trainkit.run import RESUMABLE_OVERRIDES, config_differences
 from trainkit.rundir import is_locked, lock_run_folder, read_json, waiting_for_lock, write_atomically
 from trainkit.tune import PRUNERS, SAMPLERS
@@ -142,14 +142,8 @@ def open_study(spec: TuneSpec) -> Any:
     try:
         return optuna.create_study(storage=storage, study_name=spec.study_name, direction=spec.direction,
                                    sampler=build_sampler(spec, 0), pruner=build_pruner(spec), load_if_exists=True)  # fmt: skip
-    except (ImportError, ValueError, optuna.exceptions.OptunaError) as exc:
-        raise ConfigError(f"cannot open the study storage {spec.storage}: {one_line(exc)}; check --storage") from None
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors: a bad URL, an unreachable server
-        raise ConfigError(f"cannot open the study storage {spec.storage}: {one_line(exc)}; check --storage") from None
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - Optuna's and SQLAlchemy's: a bad URL, a missing driver, no server
+        raise ConfigError(f"cannot open the study storage {spec.storage}: {first_line(exc)}; check --storage") from None
 
 
 def build_sampler(spec: TuneSpec, trials_so_far: int) -> Any:
