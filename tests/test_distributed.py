@@ -58,15 +58,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(out: Path, *extra: str, kill_at: str | None = None, signal_name: str = "KILL"):
+def torchrun(out: Path, *extra: str, kill_at: str | None = None, signal_name: str = "KILL", strategy: str = "ddp",
+             processes: int = 2, kill_rank: int = 1):  # fmt: skip
     """`torchrun --nproc_per_node 2 -m trainkit train ... --strategy ddp` with one thread per rank."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINKIT_KILL") and k not in TORCHRUN_ENV}
     env.update(OMP_NUM_THREADS="1", TRAINKIT_OFFLINE="1")
-    if kill_at:  # only rank 1 dies; torchrun then tears down rank 0
-        env.update(TRAINKIT_KILL_AT=kill_at, TRAINKIT_KILL_SIGNAL=signal_name, TRAINKIT_KILL_RANK="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    if kill_at:  # only rank ``kill_rank`` dies; torchrun then tears down the other
+        env.update(TRAINKIT_KILL_AT=kill_at, TRAINKIT_KILL_SIGNAL=signal_name, TRAINKIT_KILL_RANK=str(kill_rank))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master-port", str(free_port()), "-m", "trainkit", "train", *RUN,
-               "--strategy", "ddp", "--out", str(out), *extra]  # fmt: skip
+               "--strategy", strategy, "--out", str(out), *extra]  # fmt: skip
     return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=120)
 
 

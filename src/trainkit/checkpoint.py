@@ -33,15 +33,20 @@ import torch
 from torch import nn
 
 from trainkit.errors import CheckpointError, first_line
+from trainkit.distributed import is_main
 from trainkit.faults import crash_point
+from trainkit.fsdp import holds_dtensors
 from trainkit.rundir import fsync_directory, is_disk_full, remove_stale_temp_files, temp_path
+from trainkit.sharded_checkpoint import SUFFIX as SHARDED_SUFFIX
+from trainkit.sharded_checkpoint import folder_problem, is_sharded_checkpoint, load_sharded, remove_folder, save_sharded
 
 log = logging.getLogger("trainkit")
 
 TRAILER_MAGIC = b"TRAINKIT-SHA256:"
 TRAILER_SIZE = len(TRAILER_MAGIC) + 64 + 1
-CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.pt$")
+CHECKPOINT_NAME = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?\.(?:pt|dcp)$")  # .dcp: a sharded folder
 BEST_FILE = "best.pt"
+SHARDED_BEST = "best.dcp"
 SET_ASIDE_SUFFIX = ".corrupt"  # a file resume could not use, renamed out of the way and kept for inspection
 # What every trainkit checkpoint holds, and the type each entry must have: a file with a valid
 # trailer can still be hand-made, and resume must fall back past it instead of failing deep inside.
@@ -91,7 +96,9 @@ def verified_body(path: Path, data: bytes) -> bytes:
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
-    """None if the file verifies, else the reason it does not."""
+    """None if the file (or sharded folder) verifies, else the reason it does not."""
+    if is_sharded_checkpoint(Path(path)):
+        return folder_problem(Path(path))
     try:
         verified_body(Path(path), read_checkpoint_bytes(Path(path)))
     except CheckpointError as exc:
@@ -142,13 +149,17 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, weights: bool = True) -> dict[str, Any]:
     """Verify, then load with ``weights_only=True`` and check the payload's structure.
 
     Anything wrong is a CheckpointError naming the file: the bytes may verify yet not be a
-    torch file, or be a hand-made payload with keys missing or of the wrong type.
+    torch file, or be a hand-made payload with keys missing or of the wrong type. A sharded
+    checkpoint (a folder) is trainkit.sharded_checkpoint's; ``weights=False`` leaves its weights
+    as meta tensors (resume loads each rank's shards itself).
     """
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return load_sharded(path, map_location, weights=weights)
     body = verified_body(path, read_checkpoint_bytes(path))
     try:
         payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
@@ -220,11 +231,15 @@ class CheckpointDir:
     """A run's ``checkpoints/`` folder.
 
     Files: ``epoch-0003.pt`` (end of epoch 3), ``epoch-0004-step-00001300.pt`` (mid-epoch,
-    at optimizer step 1300) and ``best.pt`` (the best epoch by the monitored metric).
-    Retention keeps the newest ``keep_last`` files, every ``keep_every``-th epoch end and the
-    file just written (verified by its read-back); old files are deleted only after a new one
-    is written. A file that resume cannot use is renamed ``NAME.corrupt``, so it neither
-    counts toward ``keep_last`` nor pushes a good file out.
+    at optimizer step 1300) and ``best.pt`` (the best epoch by the monitored metric); under
+    --strategy fsdp the same names end in ``.dcp`` and are folders (trainkit.sharded_checkpoint).
+    Retention keeps the newest ``keep_last`` checkpoints, every ``keep_every``-th epoch end and
+    the one just written (verified by its read-back); old ones are deleted only after a new one
+    is written. A checkpoint that resume cannot use is renamed ``NAME.corrupt``, so it neither
+    counts toward ``keep_last`` nor pushes a good one out.
+
+    A sharded save is a collective: every rank calls ``save``/``save_best``; rank 0 alone
+    commits the folder and applies retention.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 3, keep_every: int = 0) -> None:
@@ -234,11 +249,13 @@ class CheckpointDir:
 
     @property
     def best_path(self) -> Path:
-        return self.directory / BEST_FILE
+        """best.pt, or best.dcp when a sharded run wrote one."""
+        sharded = self.directory / SHARDED_BEST
+        return sharded if sharded.is_dir() else self.directory / BEST_FILE
 
-    def path_for(self, epoch: int, step: int | None) -> Path:
+    def path_for(self, epoch: int, step: int | None, *, sharded: bool = False) -> Path:
         suffix = "" if step is None else f"-step-{step:08d}"
-        return self.directory / f"epoch-{epoch:04d}{suffix}.pt"
+        return self.directory / f"epoch-{epoch:04d}{suffix}{SHARDED_SUFFIX if sharded else '.pt'}"
 
     def checkpoints(self) -> list[CheckpointName]:
         """Epoch and step checkpoints, oldest first."""
@@ -266,19 +283,20 @@ class CheckpointDir:
         check: Callable[[dict[str, Any]], None] | None = None,
         include_best: bool = False,
         set_aside: bool = True,
+        weights: bool = True,
     ) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that verifies, loads and passes ``check`` (which raises CheckpointError).
 
-        Each file that fails is named with the reason and, with ``set_aside``, renamed
+        Each one that fails is named with the reason and, with ``set_aside``, renamed
         ``NAME.corrupt``. ``include_best``: when no epoch or step checkpoint is usable, a usable
-        ``best.pt`` (always an epoch-end save) is the last resort.
+        best checkpoint (always an epoch-end save) is the last resort. ``weights``: see load_checkpoint.
         """
         candidates = [name.path for name in reversed(self.checkpoints())]
         if include_best and self.best_path.exists():
             candidates.append(self.best_path)
         for path in candidates:
             try:
-                payload = load_checkpoint(path, map_location)
+                payload = load_checkpoint(path, map_location, weights=weights)
                 if check is not None:
                     check(payload)
             except CheckpointError as exc:
@@ -286,8 +304,8 @@ class CheckpointDir:
                 log.warning("skipping %s: %s; %s and falling back to an older checkpoint", path.name, exc, kept)
                 continue
             if path == self.best_path:
-                log.warning("no epoch or step checkpoint in %s is usable; using best.pt (end of epoch %d)",
-                            self.directory, payload["epoch"])  # fmt: skip
+                log.warning("no epoch or step checkpoint in %s is usable; using %s (end of epoch %d)",
+                            self.directory, path.name, payload["epoch"])  # fmt: skip
             return path, payload
         return None
 
@@ -303,15 +321,22 @@ class CheckpointDir:
 
     def save(self, payload: dict[str, Any], *, epoch: int, step: int | None) -> Path:
         """Write one epoch or step checkpoint, then apply retention."""
-        path = self._write(payload, self.path_for(epoch, step))
-        self.prune(keep=path)
+        sharded = holds_dtensors(payload["model"])
+        path = self._write(payload, self.path_for(epoch, step, sharded=sharded))
+        if not sharded or is_main():
+            self.prune(keep=path)
         return path
 
     def save_best(self, payload: dict[str, Any]) -> Path:
-        return self._write(payload, self.best_path)
+        sharded = holds_dtensors(payload["model"])
+        return self._write(payload, self.directory / (SHARDED_BEST if sharded else BEST_FILE))
 
     def _write(self, payload: dict[str, Any], path: Path) -> Path:
-        """save_checkpoint; on a full disk, make room once (older retained checkpoints) and retry."""
+        """save_checkpoint; on a full disk, make room once (older retained checkpoints) and retry.
+        A sharded save is not retried: a full disk is the failed save it reports."""
+        if path.suffix == SHARDED_SUFFIX:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return save_sharded(payload, path)
         try:
             return save_checkpoint(payload, path)
         except OSError as exc:
@@ -327,25 +352,33 @@ class CheckpointDir:
         protected = {newest_good} | self._every_kth_epoch(found)
         victims = [n.path for n in found if n.path not in protected]
         for path in victims:
-            path.unlink(missing_ok=True)
+            remove_checkpoint(path)
         if victims:
             log.warning("disk full: deleted %s to make room (kept %s)", ", ".join(p.name for p in victims),
                         newest_good.name if newest_good else "no verifying checkpoint")  # fmt: skip
         return bool(victims)
 
     def prune(self, keep: Path | None = None) -> None:
-        """Retention; ``keep`` (the file just written and verified) survives whatever its name."""
+        """Retention; ``keep`` (the checkpoint just written and verified) survives whatever its name."""
         found = self.checkpoints()
         kept = {name.path for name in found[-self.keep_last :]} | self._every_kth_epoch(found) | {keep}
         for name in found:
             if name.path not in kept:
                 crash_point("save:retention")
-                name.path.unlink(missing_ok=True)
+                remove_checkpoint(name.path)
 
     def _every_kth_epoch(self, found: list[CheckpointName]) -> set[Path]:
         if not self.keep_every:
             return set()
         return {n.path for n in found if n.step is None and n.epoch % self.keep_every == 0}
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file, or a sharded checkpoint's folder."""
+    if path.is_dir():
+        remove_folder(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:

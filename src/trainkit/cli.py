@@ -185,7 +185,11 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     flag("--threads", type=int, help="torch intra-op threads (default: one per core)")
     flag("--sync-batchnorm", action=argparse.BooleanOptionalAction,
-         help="under ddp: BatchNorm normalises with the global batch's statistics, not each rank's (default off)")
+         help="under ddp/fsdp: BatchNorm normalises with the global batch's statistics, not each rank's (default off)")
+    flag("--fsdp-offload", action=argparse.BooleanOptionalAction,
+         help="fsdp on CUDA: keep parameter shards and optimizer state in CPU memory (default off)")
+    flag("--fsdp-units", type=name_list,
+         help="fsdp: submodules sharded one by one, comma separated (default: each block / top-level child)")
     flag("--grad-checkpointing", action=argparse.BooleanOptionalAction,
          help="recompute activations in backward: less memory for ~1 extra forward (default off)")
     flag("--patience", type=int, help="early-stopping patience in epochs; 0 = off (default 5)")
@@ -204,7 +208,8 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     flag("--seed", type=int, help="(default 0)")
     flag("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     flag("--strategy", choices=STRATEGIES,
-         help="single, ddp (data parallel; launch with torchrun --nproc_per_node N) or auto: ddp under torchrun")
+         help="single, ddp (data parallel), fsdp (sharded data parallel; both launched with torchrun "
+              "--nproc_per_node N) or auto: ddp under torchrun")
     flag("--out", help="output directory (default runs/<dataset>-<model>-<time>)")
     flag("--plots", action=argparse.BooleanOptionalAction, help="write loss/metric/lr PNGs at the end (default on)")
     flag("--logger", type=name_list, help=f"where to log, comma separated: {', '.join(LOGGERS)} (default csv, always on)")
@@ -428,21 +433,25 @@ def run_profile(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import load_checkpoint, require_checkpoint_file, verify_checkpoint
     from trainkit.run import saved_settings
+    from trainkit.sharded_checkpoint import is_sharded_checkpoint
 
-    require_checkpoint_file(Path(args.checkpoint))  # a missing file, folder or FIFO: a usage error (exit 2)
+    sharded = is_sharded_checkpoint(Path(args.checkpoint))
+    if not sharded:
+        require_checkpoint_file(Path(args.checkpoint))  # a missing file, folder or FIFO: a usage error (exit 2)
     problem = verify_checkpoint(args.checkpoint)
     if problem is not None:
         print(f"{args.checkpoint}: FAILS verification: {problem}")
         return EXIT_UNVERIFIED
     try:
-        payload = load_checkpoint(args.checkpoint)
+        payload = load_checkpoint(args.checkpoint, weights=False)  # a sharded one's shards stay on disk
     except CheckpointError as exc:
         print(f"{args.checkpoint}: sha256 ok, but unusable: {exc}")
         return EXIT_UNVERIFIED
     position = payload["position"]
     where = "end of epoch" if position is None else f"mid-epoch, {position.get('batches_done')} batches into epoch"
     last = payload["history"][-1] if payload["history"] else {}
-    print(f"{args.checkpoint}: verifies (sha256 ok)")
+    shards = f", sharded by {payload['run_info'].get('world_size', 1)} process(es)" if sharded else ""
+    print(f"{args.checkpoint}: verifies (sha256 ok{' for every file' if sharded else ''}){shards}")
     print(f"  epoch {payload['epoch']} ({where}), optimizer step {payload['global_step']}")
     print(f"  best {payload['config'].get('monitor')} {payload['best_metric']} at epoch {payload['best_epoch']}")
     print(f"  last epoch metrics: {json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()})}")

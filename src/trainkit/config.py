@@ -150,7 +150,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (slower on the MNIST models on CPU, see benchmarks)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
-    sync_batchnorm: bool = False  # under DDP: BatchNorm statistics of the global batch, not each rank's
+    sync_batchnorm: bool = False  # under DDP/FSDP: BatchNorm statistics of the global batch, not each rank's
+    fsdp_offload: bool = False  # --strategy fsdp: parameter shards and optimizer state in CPU memory (CUDA runs)
+    fsdp_units: list[str] | None = None  # --strategy fsdp: submodules sharded one by one; None: each block (trainkit.fsdp)
     # early stopping and checkpoints
     patience: int = 5  # 0 turns early stopping off
     min_delta: float = 0.0
@@ -168,7 +170,7 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"
-    strategy: str = "auto"  # single | ddp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
+    strategy: str = "auto"  # single | ddp | fsdp (one process per device under torchrun) | auto: ddp when WORLD_SIZE > 1
     out: str | os.PathLike | None = None
     plots: bool = True  # the loss/metric/lr PNGs at the end: ~1 s, most of it importing matplotlib
     # logging beyond history.csv (trainkit.loggers): continued into the same logged run on --resume
@@ -246,6 +248,20 @@ class TrainConfig:
         self._validate_schedule()
         self._validate_monitor(loop_only)
         self._validate_averaging(loop_only)
+        self._validate_sharding()
+
+    def _validate_sharding(self) -> None:
+        """What --strategy fsdp does not (yet) combine with, refused before any work (docs/scaling.md)."""
+        if self.strategy != "fsdp":
+            if self.fsdp_offload or self.fsdp_units:
+                flag = "--fsdp-offload" if self.fsdp_offload else "--fsdp-units"
+                raise ConfigError(f"{flag} applies to --strategy fsdp; add --strategy fsdp or drop it")
+            return
+        for name, on in (("ema", self.ema is not None), ("swa_start", self.swa_start is not None),
+                         ("compile", self.compile)):  # fmt: skip
+            if on:
+                raise ConfigError(f"{flag_name(name)} is not supported with --strategy fsdp; use --strategy ddp "
+                                  f"or drop {flag_name(name)}")  # fmt: skip
 
     def _validate_choices(self, loop_only: bool) -> None:
         if not loop_only:
@@ -417,7 +433,7 @@ LOOP_FIELDS = (
     "label_smoothing", "precision", "channels_last", "compile", "monitor", "monitor_mode", "min_delta",
     "keep_checkpoints", "keep_every_epochs", "checkpoint_every_steps", "on_save_error", "on_nonfinite",
     "rollback_lr_factor", "max_rollbacks", "max_skipped_steps", "seed", "device", "strategy", "threads",
-    "sync_batchnorm",
+    "sync_batchnorm", "fsdp_offload", "fsdp_units",
 )  # fmt: skip
 
 

@@ -35,7 +35,7 @@ from trainkit.errors import ConfigError
 
 log = logging.getLogger("trainkit")
 
-STRATEGIES = ("auto", "single", "ddp")
+STRATEGIES = ("auto", "single", "ddp", "fsdp")  # fsdp: trainkit.fsdp
 LAUNCH_HINT = "torchrun --nproc_per_node N -m trainkit train ..."
 
 T = TypeVar("T")
@@ -58,13 +58,14 @@ def env_world_size() -> int:
 
 
 def resolve_strategy(strategy: str) -> str:
-    """'auto' is ddp when a launcher started several processes, else single; ddp needs torchrun."""
+    """'auto' is ddp when a launcher started several processes, else single; ddp and fsdp need torchrun."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     if strategy == "auto":
         return "ddp" if launched_by_torchrun() and env_world_size() > 1 else "single"
-    if strategy == "ddp" and not launched_by_torchrun():
-        raise ConfigError(f"--strategy ddp needs one process per device: launch with `{LAUNCH_HINT} --strategy ddp`")
+    if strategy in ("ddp", "fsdp") and not launched_by_torchrun():
+        raise ConfigError(f"--strategy {strategy} needs one process per device: launch with "
+                          f"`{LAUNCH_HINT} --strategy {strategy}`")  # fmt: skip
     return strategy
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainkit import distributed
+from trainkit import distributed, fsdp
 from trainkit.averaging import evaluation_weights
 from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import (
@@ -49,6 +49,7 @@ from trainkit.runs import FAILURE_FILE
 from trainkit.rundir import holding_run_folder, read_json, write_atomically
 from trainkit.schedules import build_scheduler
 from trainkit.signals import GracefulStop, graceful_stop
+from trainkit.sharded_checkpoint import is_sharded_checkpoint
 from trainkit.runtime import map_tensors
 from trainkit.tasks import Task
 from trainkit.factories import build_user_model
@@ -63,7 +64,7 @@ log = logging.getLogger("trainkit")
 
 # Settings that may differ when resuming: where data lives (its content is checked by the fingerprint)
 # and which device runs it.
-RESUMABLE_OVERRIDES = ("data_dir", "data_file", "device", "out", "plots", "strategy")
+RESUMABLE_OVERRIDES = ("data_dir", "data_file", "device", "out", "plots", "strategy", "fsdp_offload", "fsdp_units")
 # The parts of the data fingerprint, by what an error calls them.
 FINGERPRINT_PARTS = {"dataset": "dataset", "train_images": "training images", "train_labels": "training labels",
                      "val_images": "validation images", "val_labels": "validation labels",
@@ -205,7 +206,7 @@ def checkpoint_to_resume(
         return None
     main = distributed.is_main()
     found = checkpoints.newest_valid(device, check=lambda payload: check_fits_model(payload, model),
-                                     include_best=True, set_aside=main)  # fmt: skip
+                                     include_best=True, set_aside=main, weights=False)  # fmt: skip
     if found is None:
         raise CheckpointError(
             f"--resume: no checkpoint in {checkpoints.directory} is usable (each was renamed *.corrupt); "
@@ -301,6 +302,7 @@ def _train_run(
     check_ddp_settings(config, world)
     device = resolve_device(config.device)
     autocast_dtype(config.precision, device)  # fail on e.g. fp16 without CUDA before any work
+    fsdp.check_offload(config.fsdp_offload, device)
     out_dir = Path(config.out) if config.out else default_out_dir(config)
     out_dir = Path(distributed.broadcast_object(str(out_dir)))  # the default name holds rank 0's clock
     config.out = str(out_dir)
@@ -349,7 +351,8 @@ def _train_run(
         test_data = evaluation_data(config, data, "test", **shard)
         test = trainer.evaluate(test_data) if test_data is not None else {}
         tta = test_time_augmented(trainer, test_data, data) if config.tta and test_data is not None else {}
-        summary = summarise(trainer, history, test, tta, wall_seconds=time.perf_counter() - started)
+        final = trainer.full_state_dict()  # under FSDP a collective: the whole weights on rank 0
+        summary = summarise(trainer, history, test, tta, final, wall_seconds=time.perf_counter() - started)
         if isinstance(data, TextData):
             summary.update(text_summary(trainer, history, evaluation_data(config, data, "val", **shard)))
         if finder is not None:
@@ -357,7 +360,7 @@ def _train_run(
         if run_logger is not None:
             summary["logs"] = run_logger.describe()
         if main:
-            write_outputs(trainer, history, summary, out_dir, plots=config.plots)
+            write_outputs(trainer, history, summary, out_dir, final, plots=config.plots)
         if run_logger is not None:
             finish_logging(run_logger, config, summary, out_dir)
     log.info(
@@ -449,17 +452,19 @@ def save_failures_note(summary: dict) -> str:
     return f"; WARNING: {summary['failed_saves']} checkpoint save(s) failed (see above), {best}"
 
 
-def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir: Path, *, plots: bool = True) -> None:
+def write_outputs(trainer: Trainer, history: list[dict], summary: dict, out_dir: Path,
+                  final: dict[str, torch.Tensor] | None = None, *, plots: bool = True) -> None:  # fmt: skip
     """The final files: model/best safetensors, plots (unless off), summary.json (rank 0 only under DDP).
+    ``final``: the whole final weights (default: the trainer's model's; see Trainer.full_state_dict).
 
     summary.json comes last and only once the weights are exported: if an export fails (disk
     full), ``--resume`` finishes the job from the last checkpoint instead of a finished-looking run.
     """
     crash_point("export")
-    final = trainer.model.state_dict()
+    final = trainer.model.state_dict() if final is None else final
     if not all_finite(final):
         raise NonFiniteLossError("the final weights hold NaN/inf; nothing was exported. Lower --lr or check the data.")
-    best = best_weights(trainer)
+    best = best_weights(trainer, final)
     summary["best_weights"] = None if best is None else best[1]
     exports = [(final, out_dir / "model.safetensors")] + ([(best[0], out_dir / "best.safetensors")] if best else [])
     for state, path in exports:
@@ -486,7 +491,7 @@ def how_to_finish(trainer: Trainer, out_dir: Path) -> str:
     return f"no checkpoint could be saved either: free space, then {resume} trains the run again from the start"
 
 
-def best_weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], str] | None:
+def best_weights(trainer: Trainer, final: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str] | None:
     """The best epoch's weights for best.safetensors and where they came from (None: no best epoch).
 
     ``best.pt`` when it verifies and holds the best epoch; else the same weights from early
@@ -495,20 +500,22 @@ def best_weights(trainer: Trainer) -> tuple[dict[str, torch.Tensor], str] | None
     """
     if trainer.checkpoints is None or trainer.best_epoch is None:
         return None
+    best_file = trainer.checkpoints.best_path.name
     try:
         payload = load_checkpoint(trainer.checkpoints.best_path)
         if payload["epoch"] == trainer.best_epoch:
-            return evaluation_weights(payload), f"checkpoints/best.pt (epoch {trainer.best_epoch})"
-        problem = f"best.pt holds epoch {payload['epoch']}, not the best epoch {trainer.best_epoch} (saving it failed)"
+            return evaluation_weights(payload), f"checkpoints/{best_file} (epoch {trainer.best_epoch})"
+        problem = f"{best_file} holds epoch {payload['epoch']}, not the best epoch {trainer.best_epoch} (saving it failed)"
     except CheckpointError as exc:
         problem = str(exc)
     stopper = early_stopping_of(trainer)
-    if stopper is not None and stopper.best_weights is not None and stopper.best_epoch == trainer.best_epoch:
+    copied = stopper is not None and stopper.best_weights is not None and not fsdp.holds_dtensors(stopper.best_weights)
+    if copied and stopper.best_epoch == trainer.best_epoch:  # (a sharded copy is not whole on this rank)
         source = f"early stopping's copy of epoch {stopper.best_epoch}"
         weights = stopper.best_weights
     elif stopper is None and trainer.state.epoch == trainer.best_epoch and not trainer.swa_applied:
         source = f"the final weights (epoch {trainer.best_epoch}, the best)"
-        weights = trainer.model.state_dict()
+        weights = final
     else:
         found = trainer.checkpoints.newest_valid(set_aside=False)
         if found is None:
@@ -562,8 +569,10 @@ def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter
 
 
 def summarise(
-    trainer: Trainer, history: list[dict], test: dict[str, float], tta: dict[str, float], *, wall_seconds: float
-) -> dict:
+    trainer: Trainer, history: list[dict], test: dict[str, float], tta: dict[str, float],
+    final: dict[str, torch.Tensor] | None = None, *, wall_seconds: float,
+) -> dict:  # fmt: skip
+    """The run's summary.json; ``final``: the whole final weights (see Trainer.full_state_dict)."""
     stopper = early_stopping_of(trainer)
     restored = stopper is not None and stopper.best_weights is not None
     return {
@@ -579,9 +588,10 @@ def summarise(
         "skipped_steps": sum(row.get("skipped_steps", 0) for row in history),
         "rollbacks": trainer.rollbacks,
         "failed_saves": trainer.failed_saves,
-        "best_checkpoint": "checkpoints/best.pt" if has_best_checkpoint(trainer) else None,
+        "best_checkpoint": f"checkpoints/{trainer.checkpoints.best_path.name}" if has_best_checkpoint(trainer) else None,
         "wall_seconds": round(wall_seconds, 3),
-        "model_sha256": model_sha256(trainer.model),
+        "model_sha256": distributed.broadcast_object(model_sha256(trainer.model if final is None else final)
+                                                     if distributed.is_main() else None),  # rank 0 holds FSDP's whole weights
         "lr": trainer.lr,
         "seed": trainer.config.seed,
         "torch_version": str(torch.__version__),
@@ -589,7 +599,7 @@ def summarise(
 
 
 def has_best_checkpoint(trainer: Trainer) -> bool:
-    return trainer.checkpoints is not None and trainer.checkpoints.best_path.is_file()
+    return trainer.checkpoints is not None and trainer.checkpoints.best_path.exists()
 
 
 def checkpoint_model(
@@ -673,8 +683,9 @@ def generate_from_checkpoint(
 
 
 def text_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint at ``path`` (or a run folder's newest valid one), refused unless it is a text run's."""
-    if path.is_dir():
+    """The checkpoint at ``path`` (a file, a sharded folder, or a run folder: its newest valid one),
+    refused unless it is a text run's."""
+    if path.is_dir() and not is_sharded_checkpoint(path):
         found = CheckpointDir(path / "checkpoints").newest_valid(set_aside=False, include_best=True)
         if found is None:
             raise CheckpointError(f"{path} holds no checkpoint that verifies: is it a trainkit run folder?")

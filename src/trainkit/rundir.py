@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,7 +172,8 @@ def write_atomically(path: Path, data: str | bytes) -> None:
 
 
 def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Delete temp files left by crashed writers; a file whose writer PID is alive is left alone."""
+    """Delete temp files (and sharded checkpoints' temp folders) left by crashed writers; one whose
+    writer PID is alive is left alone."""
     if not directory.is_dir():
         return []
     removed = []
@@ -179,7 +181,10 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
         match = _TEMP_NAME.match(path.name)
         if match is None or (match.group(1) and _is_other_live_process(int(match.group(1)))):
             continue
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         removed.append(path)
         log.info("removed %s, left by an interrupted write", path)
     return removed

@@ -41,7 +41,7 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 import trainkit
-from trainkit import distributed
+from trainkit import distributed, fsdp
 from trainkit.averaging import WeightAverage
 from trainkit.callbacks import Callback, EarlyStopping, TrainState, callback_keys, check_callbacks, is_improvement
 from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint, state_dict_mismatch
@@ -53,6 +53,7 @@ from trainkit.history import EpochMeter, HistoryFile, format_epoch, merged_meter
 from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.optim import batch_scaled_lr, build_optimizer, check_user_optimizer
 from trainkit.rundir import holding_run_folder, remove_stale_temp_files
+from trainkit.sharded_checkpoint import load_into, sharded_copies, with_copies
 from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
 from trainkit.tasks import StepOutput, Task, as_task, detached, model_logits, model_loss, named_loss
@@ -238,17 +239,22 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.config.precision, self.device)
         self.model = model.to(self.device)
         self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        if self.config.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.distributed = distributed.is_active()
+        self.sharded = self.config.strategy == "fsdp" and self.distributed
+        if self.config.channels_last and not self.sharded:  # FSDP shards contiguous parameters only: inputs alone are NHWC
+            self.model.to(memory_format=torch.channels_last)
         self.is_main = self.rank == 0  # logs and writes files; other ranks write nothing
         # DDP and the compiled wrapper only run the forward; self.model keeps the plain state_dict
         # keys. Evaluation bypasses DDP: ranks evaluate different numbers of batches and DDP's
         # per-forward buffer broadcast would make them wait for each other.
         if self.config.sync_batchnorm and self.distributed:
             self.model = distributed.sync_batchnorm(self.model, self.device)
-        self.ddp_model = self._wrap_ddp(self.model) if self.distributed else None
+        # --strategy fsdp: the model's parameters become DTensor shards (trainkit.fsdp); FSDP's
+        # mixed-precision policy replaces autocast
+        if self.sharded:
+            self.model = self._shard(self.model)
+        self.ddp_model = self._wrap_ddp(self.model) if self.distributed and not self.sharded else None
         train_module = self.model if self.ddp_model is None else self.ddp_model
         self.forward = torch.compile(train_module) if self.config.compile else train_module
         self.eval_forward = self.model if self.distributed else self.forward
@@ -348,7 +354,7 @@ class Trainer:
         self._check_monitor(val)
         self.state.eval_model = self._validated_module()
         if resume_from is not None:
-            payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device)
+            payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device, weights=False)
             self.load_state_dict(payload)
             log.info("resumed at epoch %d, optimizer step %d", self.state.epoch + 1, self.state.global_step)
         if self.checkpoints is not None and self.is_main:
@@ -538,6 +544,8 @@ class Trainer:
         (DeviceBatches, DatasetBatches): see ``_group_size``.
         """
         group = [to_device(batch, self.device, self.memory_format) for batch in group]
+        if self.sharded:  # FSDP agreement point: rank 0's buffers (BatchNorm statistics) everywhere, as DDP's forward does
+            distributed.broadcast_buffers(self.model)
         if self._buffers is not None:
             self._buffers.take()
         while True:
@@ -648,15 +656,17 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         clip_value, clip_norm = self.config.clip_value, self.config.clip_norm
+        # under FSDP the norms of sharded gradients are DTensors: full_value all-reduces them
         if clip_value is not None or clip_norm is None:
-            pre_clip_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            pre_clip_norm = fsdp.full_value(torch.nn.utils.get_total_norm(grads, foreach=True))
         clipped = None
         if clip_value is not None:
-            clipped = torch.stack([g.abs().max() for g in grads]).max() > clip_value
+            clipped = fsdp.full_value(torch.nn.utils.get_total_norm(grads, math.inf, foreach=True)) > clip_value
             torch.nn.utils.clip_grad_value_(params, clip_value, foreach=True)
         if clip_norm is not None:
-            # returns the norm before its own clipping: the pre-clip norm unless value-clipping ran first
-            norm = torch.nn.utils.clip_grad_norm_(params, clip_norm, foreach=True)
+            # the norm before this clipping (what clip_grad_norm_ computes): the pre-clip norm unless value-clipping ran first
+            norm = fsdp.full_value(torch.nn.utils.get_total_norm(grads, foreach=True))
+            torch.nn.utils.clip_grads_with_norm_(params, clip_norm, norm, foreach=True)
             clipped = norm > clip_norm if clipped is None else clipped | (norm > clip_norm)
             if clip_value is None:
                 pre_clip_norm = norm
@@ -664,16 +674,27 @@ class Trainer:
             clipped = torch.zeros((), device=self.device, dtype=torch.bool)
         return pre_clip_norm, clipped
 
+    def _shard(self, model: nn.Module) -> nn.Module:
+        fsdp.check_offload(self.config.fsdp_offload, self.device)
+        if self.device.type == "cpu" or self.config.fsdp_offload:
+            fsdp.keep_large_allocations_out_of_the_heap()
+        sharded = fsdp.shard_model(model, precision=self.config.precision, offload=self.config.fsdp_offload,
+                                   units=self.config.fsdp_units)  # fmt: skip
+        self.amp_dtype = None
+        return sharded
+
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
         """DistributedDataParallel: all-reduces (averages) gradients during backward."""
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def _gradient_sync(self, last_micro_batch: bool):
-        """Under DDP, all-reduce gradients only in the backward of a group's last micro-batch."""
-        if self.ddp_model is None or last_micro_batch:
+        """Under DDP/FSDP, all-reduce (reduce-scatter) gradients only in the backward of a group's last micro-batch."""
+        if last_micro_batch:
             return nullcontext()
-        return self.ddp_model.no_sync()
+        if self.sharded:
+            return fsdp.gradient_sync(self.model, False)
+        return nullcontext() if self.ddp_model is None else self.ddp_model.no_sync()
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -761,7 +782,8 @@ class Trainer:
                 f"the training loss became NaN/inf at optimizer step {step} again after "
                 f"{self.rollbacks} rollbacks (--max-rollbacks); giving up. Lower --lr or check the data."
             )
-        found = self.checkpoints.newest_valid(self.device, set_aside=self.is_main) if self.checkpoints is not None else None
+        found = (self.checkpoints.newest_valid(self.device, set_aside=self.is_main, weights=False)
+                 if self.checkpoints is not None else None)  # fmt: skip
         source, payload = found if found is not None else ("the state at the start of fit()", self._fallback_state)
         rollbacks, target_scale = self.rollbacks + 1, self.lr_scale * self.config.rollback_lr_factor
         self.load_state_dict(payload)
@@ -836,12 +858,14 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         weight: Any = 0
         rows = 0
-        for batch in self._evaluation_batches(data):
+        for batch, counted in self._in_lockstep(self._evaluation_batches(data)):
             batch = to_device(batch, self.device, self.memory_format)
-            count = self.task.samples(batch)
             with self._autocast():
                 output = self.task.step(forward, batch)
-                loss_sum += output.loss.double() * count
+            if not counted:
+                continue
+            count = self.task.samples(batch)
+            loss_sum += output.loss.double() * count
             if output.outputs is not None and output.targets is not None:
                 metrics.update(output.outputs, output.targets)
             weight = weight + count
@@ -868,14 +892,20 @@ class Trainer:
                 "statistics); call model.eval() first"
             )
         outputs = []
-        for inputs in self._prediction_inputs(data, batch_size or self.config.eval_batch_size):
+        for inputs, counted in self._in_lockstep(self._prediction_inputs(data, batch_size or self.config.eval_batch_size)):
             with self._autocast():
                 produced = self.task.forward(self.eval_forward, to_device(inputs, self.device, self.memory_format))
+            if not counted:
+                continue
             logits = model_logits(produced) if model_loss(produced) is not None else produced
             outputs.append(map_tensors(lambda t: t.float() if t.is_floating_point() else t, logits))
         if not outputs:
             raise TrainkitError("predict() got no data")
         return concatenate(outputs)
+
+    def _in_lockstep(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool]]:
+        """(batch, counted) pairs; under FSDP padded so every rank runs as many forwards (fsdp.in_lockstep)."""
+        return fsdp.in_lockstep(batches) if self.sharded else ((batch, True) for batch in batches)
 
     def _prediction_inputs(self, data: Any, batch_size: int) -> Iterator[Any]:
         if isinstance(data, torch.Tensor):
@@ -973,8 +1003,7 @@ class Trainer:
         return {"rng": None, "meter": meter}
 
     def _restore(self, payload: dict[str, Any], own: dict[str, Any] | None) -> None:
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        callbacks = self._restore_weights(payload)
         if self.scheduler is not None and payload["scheduler"] is not None:
             self.scheduler.load_state_dict(payload["scheduler"])
         self.swa_scheduler = None
@@ -982,7 +1011,7 @@ class Trainer:
             self.swa_scheduler = self._swa_schedule()
             self.swa_scheduler.load_state_dict(payload["swa_scheduler"])
         if self.average is not None:  # a checkpoint without one (--force-resume adding --ema): start afresh
-            fresh = {"kind": self.average.kind, "updates": 0, "weights": payload["model"]}
+            fresh = {"kind": self.average.kind, "updates": 0, "weights": self.model.state_dict()}
             self.average.load_state_dict(payload.get("average") or fresh)
         self.scaler.load_state_dict(payload["scaler"])
         position = payload["position"]
@@ -1000,7 +1029,7 @@ class Trainer:
         stop = payload.get("stop", {"requested": False, "reason": ""})
         self.state.stop_requested, self.state.stop_reason = stop["requested"], stop["reason"]
         for key, callback in zip(callback_keys(self.callbacks), self.callbacks):
-            saved = payload["callbacks"].get(key, payload["callbacks"].get(type(callback).__name__))  # older keys
+            saved = callbacks.get(key, callbacks.get(type(callback).__name__))  # older keys
             if saved:
                 callback.load_state_dict(saved)
         if payload.get("data") and hasattr(self.train_batches, "load_state_dict"):
@@ -1018,6 +1047,32 @@ class Trainer:
         random.setstate(rng["python"])
         set_numpy_rng_state(rng["numpy"])
 
+    def _restore_weights(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Model and optimizer state; returns the callbacks' saved states (with their weight copies).
+
+        A sharded checkpoint (a folder) is read through torch.distributed.checkpoint, which
+        reshards it onto this run's processes, sharded or not; a one-file checkpoint goes into a
+        sharded model as whole tensors that each rank cuts its shards from.
+        """
+        if "sharded" in payload:
+            model_state, optimizer_state = fsdp.sharded_state(self.model, self.optimizer)
+            copies = {key: {name: torch.empty_like(value) for name, value in model_state.items()}
+                      for key in sharded_copies(payload["callbacks"])}  # fmt: skip
+            load_into(Path(payload["sharded"]), {"model": model_state, "optimizer": optimizer_state, **copies})
+            fsdp.restore_sharded_state(self.model, self.optimizer, model_state, optimizer_state)
+            return with_copies(payload["callbacks"], copies)
+        if self.sharded and not fsdp.holds_dtensors(payload["model"]):
+            fsdp.restore_full_state(self.model, self.optimizer, payload["model"], payload["optimizer"])
+            return fsdp.shard_weight_copies(payload["callbacks"], self.model.state_dict())
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        return payload["callbacks"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's whole state_dict (for exports); under FSDP a collective that gathers it on
+        rank 0's CPU, the other ranks getting an empty dict."""
+        return fsdp.full_model_state(self.model) if self.sharded else self.model.state_dict()
+
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
         """Best by the same rule as early stopping (monitor, mode, min_delta), so both agree."""
         value = metrics.get(self.config.monitor)
@@ -1028,7 +1083,7 @@ class Trainer:
 
     def _weights_finite(self) -> bool:
         """No NaN/inf in the weights or buffers, on every rank (all ranks then decide alike)."""
-        return distributed.every_rank(all_finite(self.model.state_dict()))
+        return distributed.every_rank(all_finite(fsdp.local_state(self.model.state_dict())))
 
     def _save_checkpoint(self, *, epoch_complete: bool, is_best: bool) -> Path | None:
         """Save unless the weights are non-finite; a failed save never loses earlier checkpoints.
@@ -1043,7 +1098,12 @@ class Trainer:
             return None
         payload = self.state_dict(epoch_complete=epoch_complete)
         step = None if epoch_complete else self.state.global_step
-        path, message = self._write_checkpoint(payload, step, is_best) if self.is_main else (None, None)
+        if self.sharded:  # every rank writes its shards (trainkit.sharded_checkpoint), rank 0 commits
+            distributed.broadcast_buffers(self.model)  # DCP writes one rank's copy of each buffer: rank 0's
+            payload["model"], payload["optimizer"] = fsdp.sharded_state(self.model, self.optimizer)
+            path, message = self._write_checkpoint(payload, step, is_best)
+        else:
+            path, message = self._write_checkpoint(payload, step, is_best) if self.is_main else (None, None)
         path, message = distributed.broadcast_object((path, message))
         if message is None:
             return path
@@ -1054,8 +1114,9 @@ class Trainer:
         return path  # the epoch's own file may have been written even when best.pt was not
 
     def _write_checkpoint(self, payload: dict[str, Any], step: int | None, is_best: bool) -> tuple[Path | None, str | None]:
-        """Rank 0 writes the checkpoint, then best.pt; disk full, permissions and I/O errors come
-        back as a message (the old files stay intact), naming which of the two failed."""
+        """Rank 0 (every rank, for a sharded one) writes the checkpoint, then best.pt; disk full,
+        permissions and I/O errors come back as a message (the old files stay intact), naming which
+        of the two failed."""
         at = f"at step {self.state.global_step}"
         try:
             path = self.checkpoints.save(payload, epoch=self.state.epoch, step=step)
@@ -1066,7 +1127,8 @@ class Trainer:
         try:
             self.checkpoints.save_best(payload)
         except Exception as exc:
-            return path, f"saved {path.name} but could not update best.pt {at}: {exc}; the previous best.pt is intact"
+            best = self.checkpoints.best_path.name
+            return path, f"saved {path.name} but could not update {best} {at}: {exc}; the previous {best} is intact"
         return path, None
 
     def _interrupt_agreed(self) -> bool:
