@@ -2,7 +2,8 @@
 
 Scenarios exercise what a command-line run cannot set up: a loss that turns NaN at a chosen
 step on one rank (the NaN policies), a model that runs out of memory above a micro-batch size
-(the OOM back-off) and evaluation shards of different lengths. Rank 0 writes the whole final
+(the OOM back-off) and evaluation shards of different lengths; and, one launch for all, bf16 and
+--sync-batchnorm with BatchNorm. Rank 0 writes the whole final
 weights and the counters of each scenario's run to OUT_DIR/results.pt, so the test compares strategies.
 """
 
@@ -25,11 +26,12 @@ BATCH = 32
 class Net(nn.Module):
     """A small MLP; ``oom_above``: raises torch.OutOfMemoryError for larger micro-batches, as a GPU would."""
 
-    def __init__(self, oom_above: int | None = None) -> None:
+    def __init__(self, oom_above: int | None = None, batchnorm: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.oom_above = oom_above
-        self.body = nn.Sequential(nn.Linear(12, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        norm = [nn.BatchNorm1d(64)] if batchnorm else []
+        self.body = nn.Sequential(nn.Linear(12, 64), *norm, nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
         self.head = nn.Linear(64, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def data(n: int, rank: int, world: int, *, shuffle: bool = True, batch: int = BA
     return DeviceBatches(x, y, batch, seed=3, shuffle=shuffle, lockstep=shuffle, rank=rank, world_size=world)
 
 
-SCENARIOS = ("nan-skip", "nan-rollback", "oom")
+SCENARIOS = ("nan-skip", "nan-rollback", "oom", "bf16", "sync-bn")
 
 
 def run(scenario: str, strategy: str, out: Path) -> dict:
@@ -76,6 +78,11 @@ def run(scenario: str, strategy: str, out: Path) -> dict:
     elif scenario == "oom":
         settings.update(accumulate=2)
         model = Net(oom_above=10)
+    elif scenario == "bf16":  # FSDP: MixedPrecisionPolicy; DDP: autocast
+        settings.update(precision="bf16")
+    elif scenario == "sync-bn":  # SGD: see test_distributed.SGD_BN
+        settings.update(sync_batchnorm=True, optimizer="sgd", lr=0.05)
+        model = Net(batchnorm=True)
     rank, world = distributed.rank(), distributed.world_size()
     trainer = Trainer(model, TrainConfig(**settings), loss_fn=loss_fn, out_dir=out / scenario)
     # 203 validation rows in evaluation batches of 16: the ranks get 7 and 6 batches

@@ -321,10 +321,13 @@ def test_generate_refuses_a_checkpoint_of_an_image_run(synthetic_config, capsys)
 
 
 def test_two_processes_on_gloo_train_the_same_model_as_one(text_file, tmp_path):
+    """DDP, and FSDP (each Transformer block a unit; the tied embedding and head with the root)."""
     args = ["--dataset", "text", "--data-file", str(text_file), *TINY, "--max-steps", "12", "--precision", "fp32"]
-    ddp = trainkit(tmp_path, *args, "--out", "ddp", processes=2)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    for strategy in ("ddp", "fsdp"):
+        done = trainkit(tmp_path, *args, "--strategy", strategy, "--out", strategy, processes=2)
+        assert done.returncode == 0, done.stderr[-2000:]
     single = trainkit(tmp_path, *args, "--out", "single")
     assert single.returncode == 0, single.stderr[-2000:]
-    losses = [json.loads((tmp_path / out / "summary.json").read_text())["val_loss"] for out in ("ddp", "single")]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the same windows, split over ranks; sums in another order
+    losses = {out: json.loads((tmp_path / out / "summary.json").read_text())["val_loss"] for out in ("ddp", "fsdp", "single")}
+    for strategy in ("ddp", "fsdp"):  # the same windows, split over ranks; sums in another order
+        assert losses[strategy] == pytest.approx(losses["single"], rel=1e-5), strategy

@@ -17,6 +17,7 @@ DDP: docs/scaling.md ("FSDP").
 from __future__ import annotations
 
 import ctypes
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -59,10 +60,12 @@ def shard_units(model: nn.Module, names: Sequence[str] | None = None) -> list[nn
     """The modules ``fully_shard`` wraps before the root.
 
     ``names`` (``--fsdp-units``): submodule paths; a ModuleList/Sequential/ModuleDict named
-    means each of its children. Default: each top-level child, or the children of a top-level
-    container (a Transformer's ``blocks``, a Sequential model's layers). Units without
-    parameters are skipped, and so are units sharing a parameter with another (tied weights:
-    FSDP needs them in one unit, so they go with the root).
+    means each of its children. Default: the children of the model's containers (a
+    Transformer's ``blocks``, a Sequential model's layers): those are called as modules. Other
+    top-level modules stay with the root, since a parent may read their weights directly (a
+    position embedding's ``.weight[:T]``), which a unit of their own would leave sharded. Units
+    without parameters are skipped, and so are units sharing a parameter with another (tied
+    weights: FSDP needs them in one unit, so they go with the root).
     """
     if names:
         found = dict(model.named_modules())
@@ -72,14 +75,11 @@ def shard_units(model: nn.Module, names: Sequence[str] | None = None) -> list[nn
                               f"{', '.join(name for name, _ in model.named_children())} at the top")  # fmt: skip
         picked = [found[name] for name in names]
     else:
-        picked = [model] if isinstance(model, CONTAINERS) else [child for _, child in model.named_children()]
+        picked = [model] if isinstance(model, CONTAINERS) else [c for c in model.children() if isinstance(c, CONTAINERS)]
     units = [child for module in picked for child in (module.children() if isinstance(module, CONTAINERS) else [module])]
     units = [unit for unit in units if unit is not model and any(True for _ in unit.parameters())]
-    owners: dict[int, int] = {}
-    for index, unit in enumerate(units):
-        for param in unit.parameters():
-            owners[id(param)] = -1 if owners.get(id(param), index) != index else index
-    return [unit for index, unit in enumerate(units) if all(owners[id(p)] == index for p in unit.parameters())]
+    holders = Counter(id(param) for unit in units for param in unit.parameters())  # >1: a tied parameter
+    return [unit for unit in units if all(holders[id(param)] == 1 for param in unit.parameters())]
 
 
 def check_offload(offload: bool, device: torch.device) -> None:
@@ -112,17 +112,21 @@ def shard_model(model: nn.Module, *, precision: str, offload: bool, units: Seque
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     dtype = PARAM_DTYPES.get(precision)
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None,
-                                  output_dtype=torch.float32 if dtype else None)  # fmt: skip
+    reduce = torch.float32 if dtype else None
+    # units compute in dtype and pass dtype on; BatchNorm's running statistics are fp32, so its unit
+    # computes in fp32 and hands dtype back; the root hands fp32 to the loss
+    unit_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
+    norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=reduce, output_dtype=dtype)
+    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, output_dtype=reduce)
     offload_policy = CPUOffloadPolicy() if offload else OffloadPolicy()
     norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-    if dtype is not None:  # BatchNorm's running statistics stay fp32: its unit computes in fp32 (inputs cast to it)
+    if dtype is not None:
         for norm in norms:
-            fully_shard(norm, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32), offload_policy=offload_policy)
+            fully_shard(norm, mp_policy=norm_policy, offload_policy=offload_policy)
     for unit in shard_units(model, units):
         if dtype is None or unit not in norms:
-            fully_shard(unit, mp_policy=policy, offload_policy=offload_policy)
-    fully_shard(model, mp_policy=policy, offload_policy=offload_policy)
+            fully_shard(unit, mp_policy=unit_policy, offload_policy=offload_policy)
+    fully_shard(model, mp_policy=root_policy, offload_policy=offload_policy)
     return model
 
 
