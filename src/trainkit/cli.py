@@ -189,7 +189,7 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     flag("--fsdp-offload", action=argparse.BooleanOptionalAction,
          help="fsdp on CUDA: keep parameter shards and optimizer state in CPU memory (default off)")
     flag("--fsdp-units", type=name_list,
-         help="fsdp: submodules sharded one by one, comma separated (default: each block / top-level child)")
+         help="fsdp: submodules sharded one by one, comma separated (default: the children of the model's containers)")
     flag("--grad-checkpointing", action=argparse.BooleanOptionalAction,
          help="recompute activations in backward: less memory for ~1 extra forward (default off)")
     flag("--patience", type=int, help="early-stopping patience in epochs; 0 = off (default 5)")

@@ -152,7 +152,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
     sync_batchnorm: bool = False  # under DDP/FSDP: BatchNorm statistics of the global batch, not each rank's
     fsdp_offload: bool = False  # --strategy fsdp: parameter shards and optimizer state in CPU memory (CUDA runs)
-    fsdp_units: list[str] | None = None  # --strategy fsdp: submodules sharded one by one; None: each block (trainkit.fsdp)
+    fsdp_units: list[str] | None = None  # --strategy fsdp: submodules sharded one by one; None: the blocks (fsdp.shard_units)
     # early stopping and checkpoints
     patience: int = 5  # 0 turns early stopping off
     min_delta: float = 0.0
