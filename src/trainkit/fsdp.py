@@ -20,6 +20,7 @@ import ctypes
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import torch
@@ -33,7 +34,9 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
 
 
+@cache
 def dtensor_type() -> type:
+    """DTensor, imported on first use (every step's gradient norm asks; most runs never shard)."""
     from torch.distributed.tensor import DTensor
 
     return DTensor
