@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 # otherwise trainkit looks in its cache and downloads with md5 verification.
 export TRAINKIT_DATA_DIR ?= $(firstword $(wildcard $(CURDIR)/../shared/datasets))
 
-.PHONY: setup train test bench
+.PHONY: setup train test bench gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,3 +28,8 @@ test: setup
 bench: setup
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py --quick
+
+# On a machine with a CUDA GPU (and its own torch): trainkit's CUDA promises, one line each
+# (docs/benchmarks.md, "On a GPU"); `make gpu-check GPU_CHECK_ARGS="--device cpu"` is the dry run.
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from trainkit.cli import EXIT_UNVERIFIED, EXIT_USAGE, main
@@ -137,7 +138,7 @@ def absurd_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (train + ["--monitor", "foo"], "--monitor 'foo' is not a metric of the run; choose one of val_loss"),
         (train + ["--monitor", "foo", "--patience", "0"], "--monitor 'foo' is not a metric"),
         (train + ["--device", "meta"], "--device 'meta' is not a device trainkit can train on"),
-        (train + ["--device", "cuda:7"], "no CUDA GPU"),
+        (train + ["--device", "cuda:99"], "this machine has" if torch.cuda.is_available() else "no CUDA GPU"),
         (train + ["--augment", "1000000"], "--augment 1000000 must be smaller than the 28x28 images"),
         (train + ["--augment", "-1"], "--augment must be an integer >= 0"),
         (train + ["--hidden", "1000000000"], "the model would need about"),

@@ -22,6 +22,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -351,6 +352,19 @@ def test_under_ddp_only_rank_0_logs_and_the_log_holds_the_global_history(tmp_pat
     scalars = tensorboard_scalars(out)
     assert [value for _, value in scalars["epoch/val_loss"]] == pytest.approx(
         [row["val_loss"] for row in history_rows(out)], rel=1e-6)  # fmt: skip
+
+
+def test_a_rank_that_runs_out_of_memory_alone_stops_the_run_in_one_line():
+    """Rank 1 runs out of memory, rank 0 does not (it waits in the step's all-reduce): rank 1 waits
+    OOM_AGREEMENT_S (3 s here) for the others, then stops with one line; torchrun ends rank 0."""
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV} | {"OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+               str(free_port()), str(Path(__file__).with_name("oom_alone_worker.py"))]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0
+    assert "TrainkitError: out of memory at step 3 on rank 1 but not on every rank" in done.stderr, done.stderr[-3000:]
+    assert time.monotonic() - started < 60  # not a hang: 3 s of waiting, then torchrun's teardown
 
 
 def test_a_dataloader_run_resumes_only_on_the_world_size_that_wrote_it(tmp_path):

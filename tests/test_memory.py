@@ -107,13 +107,31 @@ class OutOfMemoryAbove(nn.Module):
         return self.net(x)
 
 
+class HostMemory:
+    """The CUDA search's memory readings, measured on the CPU: ``free`` bytes as given, a step's peak
+    above its start from the allocator events (trainkit.memory.live_bytes)."""
+
+    def __init__(self, free: int) -> None:
+        self.free_bytes = free
+
+    def free(self) -> int:
+        return self.free_bytes
+
+    def step_peak(self, step) -> int:
+        return max(memory.live_bytes(step), default=0)
+
+    def release(self) -> None:
+        pass
+
+
 def test_trial_search_backs_off_at_the_first_oom_and_leaves_no_trace():
     model = OutOfMemoryAbove(limit=100)
     before = {key: value.clone() for key, value in model.state_dict().items()}
     rng = torch.get_rng_state()
     x, y = data(1000)
-    choice = find_batch_size_by_trial(model, lambda: torch.optim.AdamW(model.parameters()), x, y, cap=512)
-    assert choice.batch_size == 64 and "128 ran out of memory" in choice.reason
+    choice = find_batch_size_by_trial(model, lambda: torch.optim.AdamW(model.parameters()), x, y, cap=512,
+                                      memory=HostMemory(free=2**40))  # fmt: skip
+    assert choice.batch_size == 64 and "128 did not fit" in choice.reason
     for key, value in model.state_dict().items():  # weights and BatchNorm statistics as before
         assert torch.equal(value, before[key]), key
     assert torch.equal(torch.get_rng_state(), rng)

@@ -228,7 +228,7 @@ def test_safetensors_export_holds_the_final_and_the_best_weights(synthetic_confi
 def test_numpy_rng_state_round_trips_through_a_checkpoint():
     import numpy as np
 
-    from trainkit.trainer import numpy_rng_state, set_numpy_rng_state
+    from trainkit.devices import numpy_rng_state, set_numpy_rng_state
 
     np.random.seed(3)
     state = numpy_rng_state()

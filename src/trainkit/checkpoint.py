@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainkit.devices import HOST
 from trainkit.errors import CheckpointError, first_line
 from trainkit.distributed import is_main
 from trainkit.faults import crash_point
@@ -149,8 +150,11 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, weights: bool = True) -> dict[str, Any]:
-    """Verify, then load with ``weights_only=True`` and check the payload's structure.
+def load_checkpoint(path: str | Path, *, weights: bool = True) -> dict[str, Any]:
+    """Verify, then load to the host with ``weights_only=True`` and check the payload's structure.
+
+    Always to the host (trainkit.devices): the run places each part where it lives. Loading to
+    the training device would hand ``torch.set_rng_state`` a CUDA tensor, which it refuses.
 
     Anything wrong is a CheckpointError naming the file: the bytes may verify yet not be a
     torch file, or be a hand-made payload with keys missing or of the wrong type. A sharded
@@ -159,10 +163,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     """
     path = Path(path)
     if is_sharded_checkpoint(path):
-        return load_sharded(path, map_location, weights=weights)
+        return load_sharded(path, weights=weights)
     body = verified_body(path, read_checkpoint_bytes(path))
     try:
-        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+        payload = torch.load(io.BytesIO(body), map_location=HOST, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"checkpoint {path} holds objects trainkit does not store (refused by safe loading): {_unpickler_reason(exc)}"
@@ -278,7 +282,6 @@ class CheckpointDir:
 
     def newest_valid(
         self,
-        map_location: str | torch.device = "cpu",
         *,
         check: Callable[[dict[str, Any]], None] | None = None,
         include_best: bool = False,
@@ -296,7 +299,7 @@ class CheckpointDir:
             candidates.append(self.best_path)
         for path in candidates:
             try:
-                payload = load_checkpoint(path, map_location, weights=weights)
+                payload = load_checkpoint(path, weights=weights)
                 if check is not None:
                     check(payload)
             except CheckpointError as exc:

@@ -184,6 +184,10 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     flag("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC conv layout (default: on for cnn)")
     flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default off)")
     flag("--threads", type=int, help="torch intra-op threads (default: one per core)")
+    flag("--deterministic", action=argparse.BooleanOptionalAction,
+         help="CUDA: deterministic kernels, so the same seed gives the same weights (default on; docs/reliability.md)")
+    flag("--tf32", action=argparse.BooleanOptionalAction,
+         help="CUDA: fp32 matmuls and convolutions in TF32, faster on Ampere and later but rounded (default off)")
     flag("--sync-batchnorm", action=argparse.BooleanOptionalAction,
          help="under ddp/fsdp: BatchNorm normalises with the global batch's statistics, not each rank's (default off)")
     flag("--fsdp-offload", action=argparse.BooleanOptionalAction,

@@ -32,14 +32,14 @@ from trainkit.factories import UserData, build_user_model, load_user_data
 from trainkit.init import init_weights
 from trainkit.memory import (
     PROBE_BATCHES, DatasetPrefix, MemoryEstimate, activation_bytes_per_sample, check_model_fits, estimate_training_memory,
-    find_batch_size,
+    MAX_AUTO_BATCH, find_batch_size,
 )  # fmt: skip
 from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.runtime import tensors_in
 from trainkit.tasks import Task, build_task, named_loss
 from trainkit.text.data import RandomWindows, TextData, load_text, validation_batches, window_pairs
 from trainkit.text.models import SEQUENCE_MODELS, build_sequence_model
-from trainkit.trainer import autocast_dtype
+from trainkit.precision import autocast_dtype
 
 log = logging.getLogger("trainkit")
 
@@ -191,7 +191,7 @@ def resolve_auto_batch_size(config: TrainConfig, model: nn.Module, data: RunData
         choice = find_batch_size(model, config, DatasetPrefix(data.train, device), None, amp_dtype=amp_dtype,
                                  task=build_run_task(config))  # fmt: skip
     elif isinstance(data, TextData):
-        inputs, targets = window_pairs(data.train, config.block_size)
+        inputs, targets = window_pairs(data.train, config.block_size, limit=MAX_AUTO_BATCH)
         choice = find_batch_size(model, config, inputs, targets, amp_dtype=amp_dtype, task=build_run_task(config))
     else:
         choice = find_batch_size(model, config, data.train.x, data.train.y, amp_dtype=amp_dtype)

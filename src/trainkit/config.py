@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from trainkit.callbacks import monitor_direction
+from trainkit.devices import fast_bf16, require_device, resolve_device
 from trainkit.distributed import STRATEGIES
 from trainkit.errors import ConfigError
 from trainkit.loggers import check_loggers
@@ -149,6 +150,8 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC memory format for conv models; None: the model's recipe
     compile: bool = False  # torch.compile the model (slower on the MNIST models on CPU, see benchmarks)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+    deterministic: bool = True  # CUDA: deterministic kernels, so a seed fixes the weights (trainkit.devices)
+    tf32: bool = False  # CUDA: fp32 matmuls/convolutions in TF32 (faster on Ampere+, not exact)
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1 more forward
     sync_batchnorm: bool = False  # under DDP/FSDP: BatchNorm statistics of the global batch, not each rank's
     fsdp_offload: bool = False  # --strategy fsdp: parameter shards and optimizer state in CPU memory (CUDA runs)
@@ -433,7 +436,7 @@ LOOP_FIELDS = (
     "label_smoothing", "precision", "channels_last", "compile", "monitor", "monitor_mode", "min_delta",
     "keep_checkpoints", "keep_every_epochs", "checkpoint_every_steps", "on_save_error", "on_nonfinite",
     "rollback_lr_factor", "max_rollbacks", "max_skipped_steps", "seed", "device", "strategy", "threads",
-    "sync_batchnorm", "fsdp_offload", "fsdp_units",
+    "deterministic", "tf32", "sync_batchnorm", "fsdp_offload", "fsdp_units",
 )  # fmt: skip
 
 
@@ -462,7 +465,7 @@ def recipe_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
     if given.get("dataset") != "text":
         return {}
     model = given.get("model", TEXT_DEFAULT_MODEL)
-    recipe = {"model": TEXT_DEFAULT_MODEL, "precision": "bf16" if fast_bf16() else "fp32",
+    recipe = {"model": TEXT_DEFAULT_MODEL, "precision": "bf16" if fast_bf16(recipe_device(given)) else "fp32",
               **TEXT_RECIPES.get(model, TEXT_LOOP_RECIPE)}  # fmt: skip
     if "epochs" in given and "max_steps" not in given:
         del recipe["max_steps"]  # --epochs alone is the budget the user asked for
@@ -473,13 +476,12 @@ def recipe_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
     return recipe
 
 
-def fast_bf16() -> bool:
-    """Whether bf16 autocast pays here: a CUDA device with bf16, or a CPU with AMX tiles (the text
-    Transformer measured 1.25x faster steps in bf16 on an AMX CPU: docs/benchmarks.md, "Text")."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx and is_amx())
+def recipe_device(given: Mapping[str, Any]) -> torch.device:
+    """The device a recipe is chosen for: the run's --device (a wrong one is refused later, in one line)."""
+    try:
+        return resolve_device(given.get("device", "auto"))
+    except (ConfigError, TypeError, AttributeError):
+        return torch.device("cpu")
 
 
 def config_from_dict(values: Mapping[str, Any], source: str = "config") -> TrainConfig:
@@ -618,21 +620,6 @@ def is_factory_path(value: str) -> bool:
     """MODULE:FUNCTION (a user's model or dataset factory), as opposed to a trainkit name."""
     module, colon, function = value.partition(":")
     return bool(colon and module and function)
-
-
-def require_device(name: str) -> None:
-    """'auto' or a device trainkit can train on (cpu, cuda, cuda:N, mps): 'meta' or 'tpu' are refused here."""
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in TRAINING_DEVICE_TYPES:
-        raise ConfigError(f"--device {name!r} is not a device trainkit can train on; use auto, cpu, cuda or cuda:N")
-
-
-TRAINING_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 def _require_positive(name: str, value: float) -> None:

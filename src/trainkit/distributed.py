@@ -5,9 +5,10 @@ LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The model is wrapped in
 ``torch.nn.parallel.DistributedDataParallel`` (see trainkit.trainer); everything here is
 what the rest of the loop needs around it:
 
-* ``process_group``: init/destroy the default group (NCCL on CUDA, gloo on CPU). On CUDA a
-  second, gloo group carries the small *decisions* (stop? save failed? which metrics?), so
-  agreeing on a Python flag never needs a GPU sync.
+* ``process_group``: init/destroy the default group. On CUDA it serves both kinds of tensor
+  (``"cuda:nccl,cpu:gloo"``, as torchtitan does): FSDP's CPU offload reduces host gradients and
+  norms. A second, gloo group carries the small *decisions* (stop? save failed? which
+  metrics?), so agreeing on a Python flag never needs a GPU sync.
 * ``all_reduce_sum`` for metric sums; ``any_rank``/``every_rank`` for flags that must be the
   same everywhere (interrupts, NaN checks, "are the weights finite?"); ``broadcast_object``
   for rank 0's decisions (early stopping, checkpoint paths); ``gather_objects`` for per-rank
@@ -26,6 +27,8 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
+from functools import cache
 from typing import Any, TypeVar
 
 import torch
@@ -40,6 +43,10 @@ LAUNCH_HINT = "torchrun --nproc_per_node N -m trainkit train ..."
 
 T = TypeVar("T")
 _control_group: Any = None  # gloo group for CPU-side decisions (None: the default group)
+_oom_group: Any = None  # gloo group only ranks that ran out of memory call into (see every_rank_out_of_memory)
+# How long a rank that ran out of memory waits for the others to say they did too. Ranks with the
+# same shapes run out at the same step within milliseconds; a rank alone is not waited for longer.
+OOM_AGREEMENT_S = 60.0
 
 
 # ------------------------------------------------------------- environment
@@ -70,12 +77,27 @@ def resolve_strategy(strategy: str) -> str:
 
 
 def ddp_device(device: torch.device) -> torch.device:
-    """The device of this rank: cuda:LOCAL_RANK on GPUs (one GPU per process), else the CPU."""
+    """The device of this rank: one GPU per process, else the CPU.
+
+    ``cuda:LOCAL_RANK`` among the GPUs this process sees, modulo their number: where a scheduler
+    gives each task only its own GPU (SLURM ``--gpus-per-task=1``, Kubernetes), every rank sees
+    one, ``cuda:0``. A single process keeps the ``cuda:N`` it was given.
+    """
     if device.type != "cuda":
         return device
-    if device.index is not None and env_world_size() > 1:
-        raise ConfigError(f"--device {device} under ddp: each rank uses cuda:LOCAL_RANK; pass --device cuda or auto")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.index is not None:
+        if env_world_size() > 1:
+            raise ConfigError(f"--device {device} under ddp: each rank uses its own GPU (LOCAL_RANK); "
+                              f"pass --device cuda or auto")  # fmt: skip
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def backend_for(device: torch.device) -> str:
+    """The default group's backend: NCCL for CUDA tensors and gloo for host tensors on a GPU run
+    (one backend alone refuses the other kind: "No backend type associated with device type cpu");
+    gloo for a CPU run."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -87,14 +109,16 @@ def rank_seed(seed: int, rank: int) -> int:
 # ----------------------------------------------------------- process group
 @contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
-    """Join the torchrun job for the duration of the block (NCCL for CUDA, gloo for CPU)."""
+    """Join the torchrun job for the duration of the block (see ``backend_for``)."""
     global _control_group
+    global _oom_group
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group(backend_for(device), device_id=device)
         _control_group = dist.new_group(backend="gloo")
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend_for(device))
+    _oom_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=OOM_AGREEMENT_S))
     level = log.level
     if dist.get_rank() != 0:
         log.setLevel(logging.ERROR)  # rank 0 logs; the others only report errors
@@ -102,7 +126,7 @@ def process_group(device: torch.device) -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
-        _control_group = None
+        _control_group = _oom_group = None
         dist.destroy_process_group()
 
 
@@ -156,6 +180,19 @@ def any_ranks(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v) for v in value.tolist())
 
 
+def every_rank_out_of_memory() -> bool:
+    """Called by a rank that ran out of memory: True when every rank did (at the same step: each
+    calls this once), so all can retry in step; False when the others went on without it within
+    OOM_AGREEMENT_S (they are inside this step's collectives, waiting for this rank)."""
+    if not is_active():
+        return True
+    try:
+        dist.all_reduce(torch.ones(1), group=_oom_group)
+    except RuntimeError:  # gloo's timeout: no other rank joined
+        return False
+    return True
+
+
 def every_rank(flag: bool) -> bool:
     """True on every rank only when it is True on all of them."""
     return not any_rank(not flag)
@@ -194,6 +231,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 
 # ------------------------------------------------------- --sync-batchnorm
+class ChannelsLastInput:
+    """Mixin for a BatchNorm over the channels of (B, T, C) activations: it normalises (B, C, T).
+    ``sync_batchnorm`` keeps it when it swaps the BatchNorm for a synchronised one, so the synced
+    norm sees the same layout (the text models' TokenBatchNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics are those of the global batch of every process.
 
@@ -239,16 +285,22 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """--sync-batchnorm: every BatchNorm of ``model`` computes global-batch statistics (CUDA: torch's
     SyncBatchNorm; CPU: GlobalBatchNorm). Parameters and buffers are kept, so an optimizer built
-    on the model, and its checkpoints, stay valid."""
-    if device.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return _with_global_batchnorm(model)
+    on the model, and its checkpoints, stay valid; a norm over (B, T, C) activations
+    (``ChannelsLastInput``, the text models' TokenBatchNorm) keeps its transpose."""
+    return _with_synced_batchnorm(model, torch.nn.SyncBatchNorm if device.type == "cuda" else GlobalBatchNorm)
 
 
-def _with_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        synced = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                 module.track_running_stats)  # fmt: skip
+@cache
+def _channels_last_variant(synced: type) -> type:
+    return type(f"ChannelsLast{synced.__name__}", (ChannelsLastInput, synced), {})
+
+
+def _with_synced_batchnorm(module: torch.nn.Module, synced_class: type) -> torch.nn.Module:
+    """``module`` with each BatchNorm replaced by ``synced_class`` holding the same tensors (what
+    torch's convert_sync_batchnorm does, for both classes and for ChannelsLastInput norms)."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, synced_class):
+        cls = _channels_last_variant(synced_class) if isinstance(module, ChannelsLastInput) else synced_class
+        synced = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         if module.affine:  # the same tensors, as torch's convert_sync_batchnorm keeps them
             synced.weight, synced.bias = module.weight, module.bias
         synced.running_mean, synced.running_var = module.running_mean, module.running_var
@@ -256,7 +308,7 @@ def _with_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
         synced.train(module.training)
         return synced
     for name, child in module.named_children():
-        converted = _with_global_batchnorm(child)
+        converted = _with_synced_batchnorm(child, synced_class)
         if converted is not child:
             setattr(module, name, converted)
     return module

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from trainkit.checkpoint import model_sha256
+from trainkit.devices import HOST, module_device, to_host
 from trainkit.errors import ConfigError, OutputError, TrainkitError, first_line
 from trainkit.rundir import replacing_atomically, write_atomically
 
@@ -78,8 +79,7 @@ def export_model(model: nn.Module, inputs: Any, format: str, path: Path, *, rebu
     """
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}")
-    args = example_args(inputs)
-    model = model.eval()
+    model, args = on_host(model, example_args(inputs), rebuild)
     with torch.no_grad():
         expected = model(*args)
     writers = {"safetensors": write_safetensors, "torch-export": write_torch_export, "onnx": write_onnx}
@@ -94,6 +94,18 @@ def export_model(model: nn.Module, inputs: Any, format: str, path: Path, *, rebu
         raise TrainkitError(f"the {format} export of this model does not reproduce its outputs (largest difference "
                             f"{difference:.3g}); nothing was written")  # fmt: skip
     return {"path": str(path), "format": format, "verified_on_rows": rows(args), "max_abs_difference": difference}
+
+
+def on_host(model: nn.Module, args: tuple[torch.Tensor, ...], rebuild: Callable[[], nn.Module]
+            ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:  # fmt: skip
+    """The model in eval mode and its inputs on the CPU, where every format is verified (ONNX Runtime
+    runs there; a torch.export program would bake in the GPU). A model on another device is exported
+    from a CPU copy (``rebuild`` with its weights), so the caller's model stays where it is."""
+    if module_device(model) != HOST:
+        copy = rebuild()
+        copy.load_state_dict(to_host(model.state_dict()))
+        model = copy
+    return model.eval(), to_host(args)
 
 
 def example_args(inputs: Any) -> tuple[torch.Tensor, ...]:

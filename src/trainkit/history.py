@@ -16,7 +16,8 @@ from trainkit.metrics import MetricSet
 # The columns every run has, in this order; the task's metrics follow train_loss / val_loss, and
 # any value a callback adds to the epoch's metrics comes after them (history.csv keeps all).
 LOOP_COLUMNS = ("lr", "grad_norm", "clip_fraction", "skipped_steps", "epoch_seconds", "samples_per_second")
-SUMS = ("loss_sum", "grad_norm_sum", "clipped")
+# overflowed: steps fp16's GradScaler skipped (history column scaler_skipped_steps, fp16 runs only)
+SUMS = ("loss_sum", "grad_norm_sum", "clipped", "overflowed")
 
 
 class EpochMeter:
@@ -25,14 +26,16 @@ class EpochMeter:
     The loss is summed weighted by each step's sample count (rows, elements or tokens: the
     task's ``samples``), the task's metrics by their own rules (trainkit.metrics). Its state
     goes into mid-epoch checkpoints, so a resumed epoch reports the same metrics as an
-    uninterrupted one.
+    uninterrupted one. ``scaled``: an fp16 run, whose GradScaler skips steps that overflowed;
+    the gradient norm and clip fraction average over the other steps (trainkit.precision).
     """
 
-    def __init__(self, device: torch.device, metrics: MetricSet) -> None:
+    def __init__(self, device: torch.device, metrics: MetricSet, *, scaled: bool = False) -> None:
         for name in SUMS:
             setattr(self, name, torch.zeros((), device=device, dtype=torch.float64))
         self.device = device
         self.metrics = metrics
+        self.scaled = scaled
         self.weight: float | torch.Tensor = 0  # samples the loss averages over, on this rank
         self.rows = 0  # batch rows on this rank (throughput is reported in rows per second)
         self.total_rows = 0.0  # over all ranks, set by results()
@@ -41,9 +44,10 @@ class EpochMeter:
 
     def add_step(
         self, mean_loss: torch.Tensor, loss_weight: float | torch.Tensor, weight: float | torch.Tensor, rows: int,
-        grad_norm: torch.Tensor, clipped: torch.Tensor,
+        grad_norm: torch.Tensor, clipped: torch.Tensor, overflowed: torch.Tensor | None = None,
     ) -> None:  # fmt: skip
-        """One in-place add per sum (each tiny op costs microseconds per step on a CPU)."""
+        """One in-place add per sum (each tiny op costs microseconds per step on a CPU). ``grad_norm``
+        and ``clipped`` of an ``overflowed`` step are already masked to 0 (trainkit.precision)."""
         if isinstance(loss_weight, torch.Tensor):
             self.loss_sum += mean_loss * loss_weight
         else:
@@ -52,6 +56,8 @@ class EpochMeter:
         self.rows += rows
         self.grad_norm_sum += grad_norm
         self.clipped += clipped
+        if overflowed is not None:
+            self.overflowed += overflowed
         self.steps += 1
 
     def results(self) -> dict[str, float]:
@@ -62,13 +68,18 @@ class EpochMeter:
         sums = torch.stack([self.loss_sum, weight.to(self.loss_sum), self.loss_sum.new_tensor(float(self.rows))])
         loss_sum, weight_total, self.total_rows = distributed.all_reduce_sum(sums).tolist()
         metrics = self.metrics.results(distributed.all_reduce_sum, device=self.device)
-        return {
+        grad_norm_sum, clipped, overflowed = torch.stack([self.grad_norm_sum, self.clipped, self.overflowed]).tolist()
+        updated = self.steps - overflowed  # steps the optimizer really took
+        results = {
             "train_loss": _mean(loss_sum, weight_total),
             **{f"train_{name}": value for name, value in metrics.items()},
-            "grad_norm": _mean(self.grad_norm_sum.item(), self.steps),
-            "clip_fraction": _mean(self.clipped.item(), self.steps),
+            "grad_norm": _mean(grad_norm_sum, updated),
+            "clip_fraction": _mean(clipped, updated),
             "skipped_steps": self.skipped,
         }
+        if self.scaled:
+            results["scaler_skipped_steps"] = int(overflowed)
+        return results
 
     def state_dict(self) -> dict[str, Any]:
         weight = self.weight.detach().cpu() if isinstance(self.weight, torch.Tensor) else self.weight
@@ -83,7 +94,7 @@ class EpochMeter:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in SUMS:
-            getattr(self, name).copy_(state[name])
+            getattr(self, name).copy_(torch.as_tensor(state.get(name, 0.0)))  # (older checkpoints have no overflowed)
         weight = state["weight"]
         self.weight = weight.to(self.device) if isinstance(weight, torch.Tensor) else weight
         self.rows, self.steps, self.skipped = state["rows"], state["steps"], state["skipped"]
@@ -165,6 +176,7 @@ def format_epoch(m: dict[str, float], epochs: int | None) -> str:
         for prefix in ("train_", "val_") if any(key.startswith(prefix) for key in m)
     )  # fmt: skip
     skipped = f" skipped {m['skipped_steps']}" if m.get("skipped_steps") else ""
+    skipped += f" scaler-skipped {m['scaler_skipped_steps']}" if m.get("scaler_skipped_steps") else ""
     return (
         f"epoch {m['epoch']}{of}{step}  {measured}"
         f"  lr {m['lr']:.2e}  grad_norm {m['grad_norm']:.3f} clipped {100 * m['clip_fraction']:.0f}%{skipped}"

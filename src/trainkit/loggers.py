@@ -209,7 +209,10 @@ class RunLogger(Callback):
     def on_batch_end(self, state: TrainState, loss: torch.Tensor) -> None:
         if not self.backends or state.global_step % self.every_steps or self._grad_norm is None:
             return
-        values = torch.stack([loss.float(), self._grad_norm.float(), torch.as_tensor(self._clipped).float() / self.every_steps])
+        # one device for the three (the norm may be a host tensor under FSDP offload; _clipped a number)
+        device = loss.device
+        values = torch.stack([loss.float(), self._grad_norm.to(device).float(),
+                              torch.as_tensor(self._clipped, device=device).float() / self.every_steps])  # fmt: skip
         self.kept_steps.append((state.global_step, state.lr, values.detach()))
         self._clipped = 0.0
 
@@ -228,7 +231,8 @@ class RunLogger(Callback):
         """The kept values as (step, key, value), read back from the device in one transfer."""
         points: list[tuple[int, str, float]] = []
         if self.kept_steps:
-            values = torch.stack([v for _, _, v in self.kept_steps]).tolist()
+            device = self.kept_steps[-1][2].device  # those restored from a checkpoint are on the host
+            values = torch.stack([v.to(device) for _, _, v in self.kept_steps]).tolist()
             for (step, lr, _), (loss, grad_norm, clip_rate) in zip(self.kept_steps, values):
                 row = {"loss": loss, "lr": lr, "grad_norm": grad_norm}
                 if self.clip_norm:

@@ -9,7 +9,7 @@ No trace
     The sweep trains the real model with the real optimizer, so afterwards it puts back
     everything it touched: parameters and buffers (BatchNorm running statistics and
     ``num_batches_tracked``) bit for bit, each module's train/eval flag, the optimizer's
-    state and param groups (lr included), and every RNG (torch CPU, all CUDA devices,
+    state and param groups (lr included), and every RNG (torch CPU, the model's CUDA device,
     Python ``random``, NumPy's global). A training run after ``lr_find`` is therefore
     bit-identical to one without it. The restore happens in ``finally``, so it also runs
     when the sweep raises. Gradients are the one exception: they are left as ``None``
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -50,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from trainkit.devices import module_device, restore_rng, rng_state
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.plots import pyplot
 from trainkit.runtime import to_device
@@ -505,6 +505,7 @@ class _Snapshot:
     optimizer_state: dict[str, Any]
     opt_called: object  # the flag an attached LR scheduler reads to warn about step order
     rng: dict[str, Any]
+    device: torch.device  # whose CUDA generator the RNG state holds (trainkit.devices)
 
     @classmethod
     def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer) -> _Snapshot:
@@ -513,7 +514,8 @@ class _Snapshot:
             training_flags=[module.training for module in model.modules()],
             optimizer_state=copy.deepcopy(optimizer.state_dict()),
             opt_called=getattr(optimizer, "_opt_called", _MISSING),
-            rng=_rng_states(),
+            rng=rng_state(module_device(model)),
+            device=module_device(model),
         )
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -530,7 +532,7 @@ class _Snapshot:
             optimizer.__dict__.pop("_opt_called", None)
         else:
             optimizer._opt_called = self.opt_called  # type: ignore[attr-defined]
-        _set_rng_states(self.rng)
+        restore_rng(self.rng, self.device)
 
 
 def _model_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -539,20 +541,3 @@ def _model_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from (("buffer:" + name, b) for name, b in model.named_buffers(remove_duplicate=False))
 
 
-def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])

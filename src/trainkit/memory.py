@@ -1,8 +1,11 @@
 """Memory: measure a training step's peak and find the largest batch that fits (``--batch-size auto``).
 
-On CUDA the finder simply tries real training steps (forward, backward, optimizer step) at
-growing powers of two and backs off at the first ``torch.OutOfMemoryError``: nothing predicts
-the caching allocator, cuDNN workspaces and fragmentation better than running the step.
+On CUDA the finder tries real training steps (forward, backward, optimizer step) at growing
+powers of two: nothing predicts the caching allocator, cuDNN workspaces and fragmentation better
+than running the step. A size fits when its step's peak (``max_memory_allocated`` after a reset)
+stays within the free memory less ``CUDA_HEADROOM`` and the weight copies the run will hold
+beside the model (an EMA or SWA average, early stopping's best weights): a size that only just
+ran would run out of memory later, in evaluation or at the first larger batch.
 On CPU, running out of memory is not an exception but swapping or the OOM killer, so the
 finder measures the peak bytes of a real step at two small batch sizes, extrapolates the
 (linear) per-sample cost and picks the largest power of two that stays within a budget.
@@ -27,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import default_collate
 
 from trainkit.config import TrainConfig
+from trainkit.devices import module_device, restore_rng, rng_state
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.optim import build_optimizer
 from trainkit.runtime import to_device
@@ -44,6 +48,9 @@ MAX_AUTO_BATCH = 4096
 # the extrapolation's error.
 DEFAULT_BUDGET_FRACTION = 0.5
 PROBE_BATCHES = (16, 64)  # the two CPU measurements the per-sample cost is extrapolated from
+# Free device memory a CUDA search leaves unused: allocator fragmentation, evaluation batches and
+# what other libraries allocate later (cuDNN/cuBLAS workspaces grow with the first larger shapes).
+CUDA_HEADROOM = 0.15
 # Bytes per parameter a training step keeps: the weight, its gradient and the optimizer state
 # (AdamW: two moments; SGD with momentum: one buffer), all fp32.
 STATE_BYTES_PER_PARAMETER = {"adamw": 16, "sgd": 12}
@@ -214,16 +221,14 @@ def leaves_no_trace(model: nn.Module) -> Iterator[None]:
     """Restore the model's weights, buffers (BatchNorm statistics), mode and the RNG afterwards."""
     state = copy.deepcopy(model.state_dict())
     training = model.training
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    device = module_device(model)
+    rng = rng_state(device)
     try:
         yield
     finally:
         model.load_state_dict(state)
         model.train(training)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng:
-            torch.cuda.set_rng_state_all(cuda_rng)
+        restore_rng(rng, device)
 
 
 @dataclass(frozen=True)
@@ -325,36 +330,81 @@ def batch_cap(num_samples: int, maximum: int = MAX_AUTO_BATCH) -> int:
 # ------------------------------------------------------------------- finding
 
 
+class CudaMemory:
+    """What the trial search reads on a CUDA device: the bytes this process can still allocate, and
+    a step's peak above what was allocated before it (the allocator's own counters)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def free(self) -> int:
+        """The device's free memory plus the allocator's cached blocks, within the process's
+        ``set_per_process_memory_fraction`` (a GPU shared with other jobs)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        allocated = torch.cuda.memory_allocated(self.device)
+        available = free + torch.cuda.memory_reserved(self.device) - allocated
+        return min(available, int(torch.cuda.get_per_process_memory_fraction(self.device) * total) - allocated)
+
+    def step_peak(self, step: Callable[[], object]) -> int:
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        step()
+        return torch.cuda.max_memory_allocated(self.device) - before
+
+    def release(self) -> None:
+        torch.cuda.empty_cache()
+
+
 def find_batch_size_by_trial(
     model: nn.Module, make_optimizer: Callable[[], torch.optim.Optimizer], x: Any, y: torch.Tensor | None,
-    *, cap: int, amp_dtype: torch.dtype | None = None, task: Task | None = None,
+    *, cap: int, amp_dtype: torch.dtype | None = None, task: Task | None = None, weight_copies: int = 0,
+    memory: Any = None,
 ) -> BatchSizeChoice:  # fmt: skip
-    """CUDA: real steps at 1, 2, 4, ... until torch.OutOfMemoryError; keep the last size that fit."""
+    """CUDA: real steps at 2, 4, 8, ...; a size fits when its step ran and its peak stays within the
+    budget (free memory less ``weight_copies`` copies of the model's state, less CUDA_HEADROOM).
+    ``memory``: what reads the device's memory (default CudaMemory; tests pass a stand-in)."""
+    memory = memory if memory is not None else CudaMemory(x.device)
+    copies = weight_copies * state_bytes(model)
+    budget = int((memory.free() - copies) * (1 - CUDA_HEADROOM))
 
     def fits(size: int) -> bool:
         with leaves_no_trace(model):
             optimizer = make_optimizer()
             try:
-                training_step(model, optimizer, x[:size], _prefix(y, size), amp_dtype=amp_dtype, task=task)
-                return True
+                step = lambda: training_step(model, optimizer, x[:size], _prefix(y, size), amp_dtype=amp_dtype, task=task)  # noqa: E731
+                return memory.step_peak(step) <= budget
             except torch.OutOfMemoryError:
                 pass  # the traceback holds the step's tensors: free them after leaving this block
             finally:
                 optimizer.zero_grad(set_to_none=True)
-        if x.device.type == "cuda":
-            torch.cuda.empty_cache()
+        memory.release()
         return False
 
     best = largest_fitting_power_of_two(fits, cap, start=min(2, cap))  # BatchNorm cannot train on 1 sample
+    held = f" beside {weight_copies} copies of the weights" if weight_copies else ""
     if best == 0:
         raise TrainkitError(
-            f"--batch-size auto: even a batch of {min(2, cap)} runs out of memory on {x.device}; "
-            f"add --grad-checkpointing, use --precision bf16 or a smaller model"
+            f"--batch-size auto: even a batch of {min(2, cap)} does not fit on {x.device}{held} with "
+            f"{CUDA_HEADROOM:.0%} of the free memory left over; add --grad-checkpointing, use --precision bf16 "
+            f"or a smaller model"
         )
     if best == cap:
-        why = f"{best} fit on {x.device} and is the cap (training set size, at most {MAX_AUTO_BATCH})"
+        why = f"{best} fit on {x.device}{held} and is the cap (training set size, at most {MAX_AUTO_BATCH})"
         return BatchSizeChoice(best, why)
-    return BatchSizeChoice(best, f"{best * 2} ran out of memory on {x.device} in a real training step; {best} fit")
+    return BatchSizeChoice(best, f"{best * 2} did not fit on {x.device}{held} in a real training step with "
+                                 f"{CUDA_HEADROOM:.0%} of the free memory left over; {best} fit")  # fmt: skip
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state_dict: what one copy of its weights (an average, a best-weights copy) holds."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def weight_copies_of(config: TrainConfig) -> int:
+    """Copies of the weights a run keeps on the device beside the model: the EMA or SWA average and early
+    stopping's best weights. (Rollback's fallback state is kept in host memory.)"""
+    return int(config.ema is not None or config.swa_start is not None) + int(config.patience > 0)
 
 
 def find_batch_size_in_budget(
@@ -422,6 +472,7 @@ def find_batch_size(
                                momentum=config.momentum, fused=config.fused_optimizer)  # fmt: skip
 
     if x.device.type == "cuda":
-        return find_batch_size_by_trial(model, make_optimizer, x, y, cap=cap, amp_dtype=amp_dtype, task=task)
+        return find_batch_size_by_trial(model, make_optimizer, x, y, cap=cap, amp_dtype=amp_dtype, task=task,
+                                        weight_copies=weight_copies_of(config))  # fmt: skip
     budget = int(config.memory_budget * GiB) if config.memory_budget is not None else default_memory_budget()
     return find_batch_size_in_budget(model, make_optimizer, x, y, cap=cap, budget=budget, amp_dtype=amp_dtype, task=task)

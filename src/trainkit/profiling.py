@@ -28,7 +28,8 @@ from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError
 from trainkit.rundir import holding_run_folder
 from trainkit.components import build_run_task, seeded_data_and_model, training_batches
-from trainkit.trainer import Trainer, resolve_device
+from trainkit.devices import resolve_device
+from trainkit.trainer import Trainer
 
 log = logging.getLogger("trainkit")
 

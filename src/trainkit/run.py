@@ -37,6 +37,7 @@ from trainkit.components import (
     load_training_data, rows_of, seeded_data_and_model, training_batches,
 )  # fmt: skip
 from trainkit.data import DatasetSplits
+from trainkit.devices import resolve_device
 from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name, is_factory_path
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.export import SUFFIXES, export_model, export_safetensors
@@ -45,6 +46,7 @@ from trainkit.loggers import MLflowBackend, RunLogger, TensorBoardBackend, check
 from trainkit.lr_finder import lr_find
 from trainkit.optim import build_optimizer
 from trainkit.plots import plot_history
+from trainkit.precision import autocast_dtype, precision_for_inference
 from trainkit.runs import FAILURE_FILE
 from trainkit.rundir import holding_run_folder, read_json, write_atomically
 from trainkit.schedules import build_scheduler
@@ -58,13 +60,14 @@ from trainkit.text.generate import check_sampling, generate
 from trainkit.text.models import build_sequence_model
 from trainkit.text.tokenizers import tokenizer_from_state
 from trainkit.tta import ShiftAveraged, require_images
-from trainkit.trainer import Trainer, autocast_dtype, resolve_device, schedule_spec
+from trainkit.trainer import Trainer, schedule_spec
 
 log = logging.getLogger("trainkit")
 
 # Settings that may differ when resuming: where data lives (its content is checked by the fingerprint)
 # and which device runs it.
-RESUMABLE_OVERRIDES = ("data_dir", "data_file", "device", "out", "plots", "strategy", "fsdp_offload", "fsdp_units")
+RESUMABLE_OVERRIDES = ("data_dir", "data_file", "device", "out", "plots", "strategy", "fsdp_offload", "fsdp_units",
+                       "deterministic")
 # The parts of the data fingerprint, by what an error calls them.
 FINGERPRINT_PARTS = {"dataset": "dataset", "train_images": "training images", "train_labels": "training labels",
                      "val_images": "validation images", "val_labels": "validation labels",
@@ -192,8 +195,7 @@ def owning_run_folder(out_dir: Path) -> Iterator[None]:
 
 
 def checkpoint_to_resume(
-    out_dir: Path, config: TrainConfig, fingerprint: dict[str, str], model: nn.Module, device: torch.device,
-    *, force: bool,
+    out_dir: Path, config: TrainConfig, fingerprint: dict[str, str], model: nn.Module, *, force: bool,
 ) -> dict[str, Any] | None:  # fmt: skip
     """The newest usable checkpoint, checked against this run's config and data (None: none yet).
 
@@ -205,7 +207,7 @@ def checkpoint_to_resume(
         log.warning("--resume: %s has no checkpoint yet; starting the run from the beginning", out_dir)
         return None
     main = distributed.is_main()
-    found = checkpoints.newest_valid(device, check=lambda payload: check_fits_model(payload, model),
+    found = checkpoints.newest_valid(check=lambda payload: check_fits_model(payload, model),
                                      include_best=True, set_aside=main, weights=False)  # fmt: skip
     if found is None:
         raise CheckpointError(
@@ -334,7 +336,7 @@ def _train_run(
         fingerprint = data_fingerprint(data)
         resume_state = None
         if resume:
-            resume_state = checkpoint_to_resume(out_dir, config, fingerprint, model, device, force=force_resume)
+            resume_state = checkpoint_to_resume(out_dir, config, fingerprint, model, force=force_resume)
             if main:  # accepted: config.json now says what trains from here on (--force-resume may change it)
                 write_atomically(out_dir / "config.json", saved_config)
         shard = {"rank": rank, "world_size": world}  # each rank evaluates its part; sums all-reduced
@@ -612,9 +614,11 @@ def checkpoint_model(
         config = config_from_dict(saved_settings(payload), source=f"the settings stored in {path}").resolved()
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    config = dataclasses.replace(config, device=device, data_dir=config.data_dir if data_dir is None else data_dir)
+    where = resolve_device(device)
+    config = dataclasses.replace(config, device=device, data_dir=config.data_dir if data_dir is None else data_dir,
+                                 precision=precision_for_inference(config.precision, where))  # fmt: skip
     config.validate()
-    data = load_training_data(config, resolve_device(device))
+    data = load_training_data(config, where)
     model = build_model_from_config(config, data)
     mismatch = state_dict_mismatch(model, payload["model"])
     if mismatch is not None:

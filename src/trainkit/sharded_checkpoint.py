@@ -207,19 +207,19 @@ def folder_problem(folder: Path) -> str | None:
 
 
 # ------------------------------------------------------------------- loading
-def load_sharded(folder: Path, map_location: str | torch.device = "cpu", *, weights: bool = True) -> dict[str, Any]:
+def load_sharded(folder: Path, *, weights: bool = True) -> dict[str, Any]:
     """A sharded checkpoint's payload after verifying every file; see the module docstring for ``weights``."""
     from trainkit.checkpoint import load_checkpoint
 
     problem = folder_problem(folder)
     if problem is not None:
         raise CheckpointError(problem)
-    payload = load_checkpoint(folder / STATE_FILE, map_location)
+    payload = load_checkpoint(folder / STATE_FILE)
     shapes = model_shapes(folder)
     if weights:
         model = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in shapes.items()}
         load_into(folder, {"model": model}, collective=False)
-        payload["model"] = {key: value.to(map_location) for key, value in model.items()}
+        payload["model"] = model
     else:
         payload["model"] = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in shapes.items()}
     payload["sharded"] = str(folder)

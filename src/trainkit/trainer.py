@@ -24,7 +24,6 @@ order; only file writes are limited to rank 0.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
@@ -45,13 +44,18 @@ from trainkit import distributed, fsdp
 from trainkit.averaging import WeightAverage
 from trainkit.callbacks import Callback, EarlyStopping, TrainState, callback_keys, check_callbacks, is_improvement
 from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint, state_dict_mismatch
-from trainkit.config import DEFAULT_SKIP_FRACTION, LOOP_MONITORABLE, TrainConfig, require_device
+from trainkit.config import DEFAULT_SKIP_FRACTION, LOOP_MONITORABLE, TrainConfig
 from trainkit.batches import DeviceBatches, EpochBatches, LoaderBatches, as_epoch_batches
+from trainkit.devices import (
+    configure_numerics, explaining_nondeterministic_ops, free_cached_device_memory, host_copy, resolve_device,
+    restore_rng, rng_state, to_host, use_device,
+)  # fmt: skip
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.faults import crash_point
 from trainkit.history import EpochMeter, HistoryFile, format_epoch, merged_meter_state
 from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.optim import batch_scaled_lr, build_optimizer, check_user_optimizer
+from trainkit.precision import autocast_dtype, masked_by_overflow, overflow
 from trainkit.rundir import holding_run_folder, remove_stale_temp_files
 from trainkit.sharded_checkpoint import load_into, sharded_copies, with_copies
 from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
@@ -70,30 +74,6 @@ class NonFiniteStep(Exception):
     def __init__(self, step: int) -> None:
         super().__init__(step)
         self.step = step
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' means CUDA when available, else CPU; an unavailable device is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    require_device(name)
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for but MPS is not available here; use --device cpu")
-    return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision name (None: full fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA GPU (GradScaler); on CPU use --precision bf16")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def schedule_spec(config: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> ScheduleSpec:
@@ -129,18 +109,6 @@ def schedule_spec(config: TrainConfig, steps_per_epoch: int, total_steps: int | 
     )
 
 
-def numpy_rng_state() -> dict[str, Any]:
-    """NumPy's global RNG state as tensors and numbers, so it loads with weights_only=True."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-            "has_gauss": has_gauss, "cached_gaussian": cached}  # fmt: skip
-
-
-def set_numpy_rng_state(state: dict[str, Any]) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
-
-
 def phase(name: str):
     """Label a phase of the step ("data", "forward", "backward", "optimizer") for ``trainkit profile``.
 
@@ -150,22 +118,23 @@ def phase(name: str):
 
 
 class BufferSnapshot:
-    """Copies of a model's buffers (BatchNorm running statistics and counters), so a skipped
-    step can undo what its forward pass did to them. One small copy per buffer per step, taken
-    only under ``--on-nonfinite skip``."""
+    """Copies of a model's buffers (BatchNorm running statistics and counters), so a step that is
+    skipped (``--on-nonfinite skip``) or retried after running out of memory can undo what its
+    forward passes did to them. One foreach copy per step; nothing for a model without buffers."""
 
     def __init__(self, model: nn.Module) -> None:
         self.live = list(model.buffers())
         self.saved = [buffer.detach().clone() for buffer in self.live]
 
+    @torch.no_grad()
     def take(self) -> None:
-        for saved, live in zip(self.saved, self.live):
-            saved.copy_(live)
+        if self.live:
+            torch._foreach_copy_(self.saved, self.live)
 
+    @torch.no_grad()
     def restore(self) -> None:
-        with torch.no_grad():
-            for saved, live in zip(self.saved, self.live):
-                live.copy_(saved)
+        if self.live:
+            torch._foreach_copy_(self.live, self.saved)
 
 
 def labelled_as_data(batches: Iterable[Batch]) -> Iterator[Batch]:
@@ -205,11 +174,14 @@ class Trainer:
     ``TASKS``' names; default classification). ``loss_fn``, ``metrics`` and ``step`` build the task
     when it is given by name. ``optimizer``/``scheduler``: the user's own objects instead of the
     configured ones (trainkit's optimizer keeps weight decay off biases and norm weights);
-    a scheduler is stepped once per optimizer step.
+    a scheduler is stepped once per optimizer step. ``scaler``: your own ``torch.amp.GradScaler``
+    (another ``init_scale`` or growth interval) instead of fp16's default one.
     """
 
-    # Set by the out-of-memory back-off: micro-batches are cut to this size from then on.
+    # Set by the out-of-memory back-off: micro-batches (evaluation batches) are cut to this size from then on.
     micro_batch_size: int | None = None
+    eval_micro_batch_size: int | None = None
+    _reducing = False  # inside a backward that all-reduces DDP's gradients
     # Set when fit ends with SWA's average as the weights: no validation row measured them.
     swa_applied: bool = False
 
@@ -226,6 +198,7 @@ class Trainer:
         step: Callable[[nn.Module, Any], Any] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         run_info: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -235,7 +208,8 @@ class Trainer:
         self.config = config.resolved(loop_only=True)  # the recipe fields (dataset, model, ...) are not ours
         if self.config.lr == "auto":
             raise ConfigError("Trainer needs a numeric lr; run trainkit.lr_finder.lr_find first (train_run does)")
-        self.device = resolve_device(self.config.device)
+        self.device = use_device(resolve_device(self.config.device))  # cuda -> cuda:N, the current device
+        configure_numerics(self.device, deterministic=self.config.deterministic, tf32=self.config.tf32)
         self.amp_dtype = autocast_dtype(self.config.precision, self.device)
         self.model = model.to(self.device)
         self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
@@ -275,7 +249,10 @@ class Trainer:
             fused=self.config.fused_optimizer,
         )  # fmt: skip
         check_user_optimizer(self.optimizer, scheduler, self.model)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler(
+            self.device.type, enabled=self.config.precision == "fp16")  # fmt: skip
+        if not isinstance(self.scaler, torch.amp.GradScaler):
+            raise ConfigError(f"Trainer's scaler must be a torch.amp.GradScaler, got {type(self.scaler).__name__}")
         self.user_scheduler = scheduler
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.swa_scheduler: torch.optim.swa_utils.SWALR | None = None  # replaces the schedule from --swa-start
@@ -302,9 +279,9 @@ class Trainer:
         self.lr_scale = 1.0
         self.failed_saves = 0  # checkpoint writes that failed (disk full, permissions): reported in the summary
         self.max_skipped_steps = self.config.max_skipped_steps  # None until fit() knows the epoch length
-        self._buffers = BufferSnapshot(self.model) if self.config.on_nonfinite == "skip" else None
+        self._buffers = BufferSnapshot(self.model)
         self.interrupt_reason: str | None = None
-        self._meter = EpochMeter(self.device, self.task.new_metrics())
+        self._meter = self._new_meter()
         self._batches_done = 0  # micro-batches of the current epoch already trained on
         self._pending_position: dict[str, Any] | None = None  # set when resuming mid-epoch
         self._fallback_state: dict[str, Any] | None = None
@@ -329,10 +306,11 @@ class Trainer:
         an already loaded checkpoint payload. The output folder (if any) is locked for the whole
         fit: a second process gets a one-line error.
         """
-        if self.out_dir is None or not self.is_main:
-            return self._fit(train, val, resume_from)
-        with holding_run_folder(self.out_dir):
-            return self._fit(train, val, resume_from)
+        with explaining_nondeterministic_ops():
+            if self.out_dir is None or not self.is_main:
+                return self._fit(train, val, resume_from)
+            with holding_run_folder(self.out_dir):
+                return self._fit(train, val, resume_from)
 
     def _fit(self, train: Any, val: Any, resume_from: str | Path | dict[str, Any] | None) -> list[dict[str, float]]:
         train = self.train_batches = self._training_batches(train)
@@ -354,14 +332,14 @@ class Trainer:
         self._check_monitor(val)
         self.state.eval_model = self._validated_module()
         if resume_from is not None:
-            payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, self.device, weights=False)
+            payload = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, weights=False)
             self.load_state_dict(payload)
             log.info("resumed at epoch %d, optimizer step %d", self.state.epoch + 1, self.state.global_step)
         if self.checkpoints is not None and self.is_main:
             remove_stale_temp_files(self.out_dir)
             self.checkpoints.remove_temp_files()
-        if self.config.on_nonfinite == "rollback":
-            self._fallback_state = copy.deepcopy(self.state_dict())
+        if self.config.on_nonfinite == "rollback":  # kept in host memory: the run needs the device's
+            self._fallback_state = host_copy(self.state_dict())
         self.history_file.rewrite(self.state.history)
         self._call("on_fit_start")
         while self.state.epoch < self.epochs and not self.state.stop_requested and not self._out_of_steps():
@@ -469,9 +447,12 @@ class Trainer:
         state.metrics = metrics
         state.history.append(metrics)
         self._call("on_validation_end")
-        self._meter = EpochMeter(self.device, self.task.new_metrics())
+        self._meter = self._new_meter()
         self._row_started = time.perf_counter()
         return metrics
+
+    def _new_meter(self) -> EpochMeter:
+        return EpochMeter(self.device, self.task.new_metrics(), scaled=self.scaler.is_enabled())
 
     def _publish_row(self, metrics: dict[str, float]) -> None:
         self.history_file.append(metrics, self.state.history)
@@ -483,7 +464,7 @@ class Trainer:
 
     def _train_one_epoch(self, train: EpochBatches, val: Any) -> None:
         self.model.train()
-        self._meter = EpochMeter(self.device, self.task.new_metrics())
+        self._meter = self._new_meter()
         self._batches_done = 0
         self._validated_this_epoch = False
         if self._pending_position is not None:
@@ -543,31 +524,33 @@ class Trainer:
         ``global_samples``: the group's rows over all ranks when the data knows it without asking
         (DeviceBatches, DatasetBatches): see ``_group_size``.
         """
-        group = [to_device(batch, self.device, self.memory_format) for batch in group]
         if self.sharded:  # FSDP agreement point: rank 0's buffers (BatchNorm statistics) everywhere, as DDP's forward does
             distributed.broadcast_buffers(self.model)
-        if self._buffers is not None:
-            self._buffers.take()
+        self._buffers.take()
         while True:
             try:
-                group_loss, group_size, weight, observed = self._accumulate_gradients(group, global_samples)
+                on_device = [to_device(batch, self.device, self.memory_format) for batch in group]
+                group_loss, group_size, weight, observed = self._accumulate_gradients(on_device, global_samples)
                 break
             except torch.OutOfMemoryError:
                 pass  # the traceback holds the partial graph: free it after leaving this block
-            self._back_off_after_oom(group)
+            on_device = None  # the failed try's device copy, freed before the retry
+            self._back_off_after_oom(group, mid_reduction=self._reducing)
+            self._reducing = False
         with phase("optimizer"):
             self.scaler.unscale_(self.optimizer)
-            grad_norm, clipped = self._clip_gradients()
+            overflowed = overflow(self.scaler, self.optimizer, self.device)  # fp16: this step will be skipped
+            grad_norm, clipped = masked_by_overflow(*self._clip_gradients(), overflowed)
             if self._is_nonfinite_step(group_loss, grad_norm):
                 self._skip_step()
                 return group_loss
-            for output in observed:  # under "skip", only now is the step known to count
+            for output in observed:  # only now is the group known to count (no OOM retry, not skipped)
                 self._observe(output)
             rows = sum(batch_rows(batch) for batch in group)
-            self._meter.add_step(group_loss, group_size, weight, rows, grad_norm, clipped)
+            self._meter.add_step(group_loss, group_size, weight, rows, grad_norm, clipped, overflowed)
             self.state.lr = self.optimizer.param_groups[0]["lr"]
             self._call("on_before_optimizer_step", grad_norm)
-            self.scaler.step(self.optimizer)
+            self._update_weights()
             self.scaler.update()
             if self.average is not None and self.average.kind == "ema":
                 self.average.update(self.model)
@@ -583,7 +566,8 @@ class Trainer:
         """Forward and backward over the group's micro-batches.
 
         Returns (group mean loss, group size the shares were taken of, this rank's sample count,
-        the step outputs whose metrics are still to be counted).
+        the step outputs whose metrics are still to be counted: an out-of-memory retry or a
+        skipped step must not count them twice, or at all).
         """
         self.optimizer.zero_grad(set_to_none=True)
         micro_batches = split_micro_batches(group, self.micro_batch_size)
@@ -599,14 +583,13 @@ class Trainer:
                 # Mean loss of the micro-batch, weighted by its share of the group: the sum over
                 # the group equals the mean loss of one big batch, even for a short last group.
                 share = output.loss * (count / group_size)
+                # DDP all-reduces gradients during this backward: an OOM in it leaves DDP mid-reduction
+                self._reducing = self.ddp_model is not None and index == len(micro_batches) - 1
                 with phase("backward"):
                     self.scaler.scale(share).backward()
+                self._reducing = False
             group_loss = share.detach() if group_loss is None else group_loss + share.detach()
-            output = detached(output)
-            if self.config.on_nonfinite != "skip":
-                self._observe(output)
-            else:
-                deferred.append(output)
+            deferred.append(detached(output))
         return group_loss, group_size, weight, deferred
 
     def _group_size(self, weight: Any, counts: list[Any], micro_batches: list[Batch], global_samples: int | None) -> Any:
@@ -627,18 +610,34 @@ class Trainer:
             self._meter.metrics.update(output.outputs, output.targets)
         self.state.step_output = output
 
-    def _back_off_after_oom(self, group: list[Batch]) -> None:
-        """Out of memory: halve the micro-batch for the rest of training; the caller retries the group.
+    def _back_off_after_oom(self, group: list[Batch], *, mid_reduction: bool = False) -> None:
+        """Out of memory in the device copy, a forward or a backward: halve the micro-batch for the
+        rest of training; the caller retries the group from its first micro-batch.
 
         The group (effective batch, data order, loss weighting) stays the same: only the number
-        of forward/backward passes it takes grows.
+        of forward/backward passes it takes grows. What the failed try did is undone first: its
+        gradients, and the BatchNorm statistics its forwards updated (its metrics were not counted).
+
+        DDP/FSDP agreement point: every rank must back off together. Ranks with the same shapes run
+        out together and all retry; a rank that ran out alone (the others are inside this step's
+        collectives), or DDP interrupted mid-reduction (``mid_reduction``: it cannot start another),
+        stops the run with one line instead of hanging.
         """
+        step = self.state.global_step + 1
+        if self.distributed:
+            advice = (f"resume with a smaller --batch-size (and --accumulate to keep the effective batch), "
+                      f"--grad-checkpointing or --precision bf16")  # fmt: skip
+            if mid_reduction:
+                raise TrainkitError(f"out of memory at step {step} on rank {self.rank} in the backward pass that "
+                                    f"all-reduces DDP's gradients, which cannot be retried; {advice}")  # fmt: skip
+            if not distributed.every_rank_out_of_memory():
+                raise TrainkitError(f"out of memory at step {step} on rank {self.rank} but not on every rank, so the "
+                                    f"micro-batch cannot be halved in step; {advice}")  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._buffers.restore()
+        free_cached_device_memory(self.device)
         full_batch = max(batch_rows(batch) for batch in group)
         current = min(self.micro_batch_size or full_batch, full_batch)
-        step = self.state.global_step + 1
         if current <= 1:
             raise TrainkitError(
                 f"out of memory at step {step} even with a micro-batch of 1; use a smaller model, "
@@ -650,6 +649,31 @@ class Trainer:
             "out of memory at step %d with micro-batch %d: continuing with micro-batches of %d x accumulation %d",
             step, current, self.micro_batch_size, micro_batches_per_step,
         )  # fmt: skip
+
+    def _update_weights(self) -> None:
+        """The optimizer step (through the GradScaler). Its first step allocates the optimizer's
+        state (AdamW: two copies of the weights): out of memory there, the partial state is dropped
+        and the step retried once after freeing cached memory; any other out-of-memory in the
+        update is one line (the update may be half applied, so the run cannot go on from it)."""
+        first_step = not self.optimizer.state
+        try:
+            self.scaler.step(self.optimizer)
+            return
+        except torch.OutOfMemoryError:
+            pass  # the traceback holds partial state: free it after leaving this block
+        step = self.state.global_step + 1
+        if first_step:
+            self.optimizer.state.clear()
+            free_cached_device_memory(self.device)
+            try:
+                self.scaler.step(self.optimizer)
+                return
+            except torch.OutOfMemoryError:
+                self.optimizer.state.clear()
+        what = (f"allocating its state ({type(self.optimizer).__name__} keeps copies of the weights)" if first_step
+                else "mid-update, so the weights may be half updated: resume from the last checkpoint")  # fmt: skip
+        raise TrainkitError(f"out of memory in the optimizer step at step {step}, {what}; use a smaller model, "
+                            f"--optimizer sgd, --strategy fsdp or a device with more memory")  # fmt: skip
 
     def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip by value and/or norm; return the pre-clip total norm and whether anything was clipped."""
@@ -782,7 +806,7 @@ class Trainer:
                 f"the training loss became NaN/inf at optimizer step {step} again after "
                 f"{self.rollbacks} rollbacks (--max-rollbacks); giving up. Lower --lr or check the data."
             )
-        found = (self.checkpoints.newest_valid(self.device, set_aside=self.is_main, weights=False)
+        found = (self.checkpoints.newest_valid(set_aside=self.is_main, weights=False)
                  if self.checkpoints is not None else None)  # fmt: skip
         source, payload = found if found is not None else ("the state at the start of fit()", self._fallback_state)
         rollbacks, target_scale = self.rollbacks + 1, self.lr_scale * self.config.rollback_lr_factor
@@ -858,18 +882,16 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         weight: Any = 0
         rows = 0
-        for batch, counted in self._in_lockstep(self._evaluation_batches(data)):
-            batch = to_device(batch, self.device, self.memory_format)
-            with self._autocast():
-                output = self.task.step(forward, batch)
-            if not counted:
-                continue
-            count = self.task.samples(batch)
-            loss_sum += output.loss.double() * count
-            if output.outputs is not None and output.targets is not None:
-                metrics.update(output.outputs, output.targets)
-            weight = weight + count
-            rows += batch_rows(batch)
+        for whole, counted in self._in_lockstep(self._evaluation_batches(data)):
+            for batch, output in self._evaluated_pieces(forward, whole):
+                if not counted:
+                    continue
+                count = self.task.samples(batch)
+                loss_sum += output.loss.double() * count
+                if output.outputs is not None and output.targets is not None:
+                    metrics.update(output.outputs, output.targets)
+                weight = weight + count
+                rows += batch_rows(batch)
             crash_point("validation")
         weight = weight if isinstance(weight, torch.Tensor) else loss_sum.new_tensor(float(weight))
         totals = torch.stack([loss_sum, weight.to(loss_sum), loss_sum.new_tensor(float(rows))])
@@ -881,11 +903,39 @@ class Trainer:
         results.update(self.task.derived(results))
         return results
 
+    def _evaluated_pieces(self, forward: Callable[..., Any], batch: Batch) -> Iterator[tuple[Batch, StepOutput]]:
+        """(piece, step output) for an evaluation batch: the whole batch, or after running out of
+        memory, pieces of half the rows (and half again...) from then on. Loss and metrics are sums
+        over samples, so the pieces add up to the whole batch's numbers. Under FSDP every forward
+        is a collective the other processes are in: one line instead."""
+        for piece in split_micro_batches([batch], self.eval_micro_batch_size):
+            try:
+                piece = to_device(piece, self.device, self.memory_format)
+                with self._autocast():
+                    output = self.task.step(forward, piece)
+            except torch.OutOfMemoryError:
+                output = None  # the traceback holds the partial forward: handled after leaving this block
+            if output is not None:
+                yield piece, output
+                continue
+            self._halve_evaluation_batch(batch_rows(piece))
+            yield from self._evaluated_pieces(forward, piece)
+
+    def _halve_evaluation_batch(self, rows: int) -> None:
+        if self.sharded or rows <= 1:
+            raise TrainkitError(f"out of memory evaluating a batch of {rows} row(s)"
+                                + (" under --strategy fsdp" if self.sharded else "")
+                                + "; lower --eval-batch-size or use a device with more memory")  # fmt: skip
+        free_cached_device_memory(self.device)
+        self.eval_micro_batch_size = (rows + 1) // 2
+        log.warning("out of memory evaluating %d rows at once: evaluating in pieces of %d from now on",
+                    rows, self.eval_micro_batch_size)  # fmt: skip
+
     @torch.inference_mode()
     def predict(self, data: Any, batch_size: int | None = None) -> Any:
         """The model's outputs for ``data`` (a tensor of inputs, or anything ``fit`` accepts; targets
-        in it are ignored), concatenated along the first dimension. Refuses a model in training
-        mode: its outputs would be wrong."""
+        in it are ignored), concatenated along the first dimension in host memory. Refuses a model
+        in training mode: its outputs would be wrong."""
         if self.model.training:
             raise TrainkitError(
                 "predict() refuses a model in training mode (dropout active, BatchNorm using batch "
@@ -898,7 +948,8 @@ class Trainer:
             if not counted:
                 continue
             logits = model_logits(produced) if model_loss(produced) is not None else produced
-            outputs.append(map_tensors(lambda t: t.float() if t.is_floating_point() else t, logits))
+            # on the host as they come: device memory does not grow with the data, and the result is NumPy-ready
+            outputs.append(to_host(map_tensors(lambda t: t.float() if t.is_floating_point() else t, logits)))
         if not outputs:
             raise TrainkitError("predict() got no data")
         return concatenate(outputs)
@@ -925,7 +976,7 @@ class Trainer:
         position = None if epoch_complete else {
             "batches_done": self._batches_done, "meter": self._meter.state_dict(), "validated": self._validated_this_epoch,
         }  # fmt: skip
-        rng = self._rng_state()
+        rng = rng_state(self.device)
         payload = {
             "format": "trainkit-checkpoint",
             "format_version": 2,
@@ -953,18 +1004,9 @@ class Trainer:
             "rng": rng,
         }
         if self.distributed:  # each rank's dropout stream and running sums, for an exact resume
-            meter = {k: v.cpu() if torch.is_tensor(v) else v for k, v in self._meter.state_dict().items()}
+            meter = to_host(self._meter.state_dict())
             payload["per_rank"] = distributed.gather_objects({"rng": rng, "meter": meter})
         return payload
-
-    @staticmethod
-    def _rng_state() -> dict[str, Any]:
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(),
-            "numpy": numpy_rng_state(),
-        }
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         """Restore a checkpoint's state; parts that do not fit this run are one CheckpointError."""
@@ -1041,11 +1083,7 @@ class Trainer:
             random.seed(seed)
             np.random.seed(seed % 2**32)
             return
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        random.setstate(rng["python"])
-        set_numpy_rng_state(rng["numpy"])
+        restore_rng(rng, self.device)
 
     def _restore_weights(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Model and optimizer state; returns the callbacks' saved states (with their weight copies).

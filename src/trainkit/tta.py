@@ -39,7 +39,9 @@ class ShiftAveraged(nn.Module):
 
 def shifted(images: Tensor, dy: int, dx: int, fill: float) -> Tensor:
     """Every image moved by (dy, dx) pixels, in the input's memory format."""
-    offsets = torch.tensor([dy, dx], device=images.device).expand(images.shape[0], 2)
+    # filled on the device: no host-to-device copy per shift per batch
+    offsets = torch.full((images.shape[0], 2), dy, dtype=torch.long, device=images.device)
+    offsets[:, 1] = dx
     moved = shift_images(images, offsets, max(abs(dy), abs(dx)), fill)
     if images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last):
         moved = moved.contiguous(memory_format=torch.channels_last)

@@ -30,7 +30,7 @@ from trainkit.errors import ConfigError
 from trainkit.experiments.core import Cell, mean_std, run_cells, train_cell, write_csv
 from trainkit.plots import plt
 from trainkit.components import build_model_from_config, load_training_data
-from trainkit.trainer import resolve_device
+from trainkit.devices import resolve_device
 
 BATCH_SIZES = (8, 32, 128, 512)
 NORMS_BY_MODEL: dict[str, tuple[str, ...]] = {

@@ -130,9 +130,12 @@ class RandomWindows:
             yield windows[:, :-1], windows[:, 1:]
 
 
-def window_pairs(ids: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
-    """Non-overlapping (input, next-token) windows covering ``ids`` except a tail shorter than a window."""
+def window_pairs(ids: Tensor, block_size: int, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """Non-overlapping (input, next-token) windows covering ``ids`` except a tail shorter than a window;
+    ``limit``: only the first that many (cut before the int64 copy: the search for a batch size
+    needs a few thousand windows, not the whole corpus twice on the device)."""
     count = (len(ids) - 1) // block_size
+    count = count if limit is None else min(count, limit)
     inputs = ids[: count * block_size].view(count, block_size).long()
     targets = ids[1 : count * block_size + 1].view(count, block_size).long()
     return inputs, targets

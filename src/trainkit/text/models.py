@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from trainkit.errors import ConfigError
+from trainkit.distributed import ChannelsLastInput
 from trainkit.layers import Dropout, DropPath, check_choice, check_rate
 from trainkit.models import drop_path_rates
 
@@ -23,13 +24,10 @@ SEQUENCE_NORMS = ("layer", "rms", "batch", "none")
 NORM_POSITIONS = ("pre", "post")
 
 
-class TokenBatchNorm(nn.BatchNorm1d):
+class TokenBatchNorm(ChannelsLastInput, nn.BatchNorm1d):
     """BatchNorm over the channels of (B, T, C) activations, statistics over batch and time:
     in a causal model it mixes later tokens' statistics into every position (the sequence_norm
     comparison measures what that does)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
 def sequence_norm(kind: str, width: int) -> nn.Module:

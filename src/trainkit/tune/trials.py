@@ -65,23 +65,26 @@ class PruneOnValidation(Callback):
             state.request_stop(f"trial {self.claim.number} pruned by Optuna at {unit} {step} ({self.monitor} {value:.6g})")
 
 
-def work(spec: TuneSpec) -> int:
-    """Claim and run trials until the study has ``spec.trials``; returns how many this worker ran."""
+def work(spec: TuneSpec, *, device: str | None = None) -> int:
+    """Claim and run trials until the study has ``spec.trials``; returns how many this worker ran.
+    ``device``: where this worker's trials train (a --workers GPU), instead of the study's --device."""
     study = open_study(spec)
     done = 0
     while (claim := claim_trial(spec, study)) is not None:
         try:
-            run_trial(spec, claim)
+            run_trial(spec, claim, device)
         finally:
             release_run_folder(claim.folder)
         done += 1
     return done
 
 
-def run_trial(spec: TuneSpec, claim: Claim) -> None:
+def run_trial(spec: TuneSpec, claim: Claim, device: str | None = None) -> None:
     import optuna
 
     settings = trial_settings(spec.base, spec.dimensions, claim.params)
+    if device is not None:
+        settings["device"] = device
     write_trial_file(claim, "running", settings)
     log.info("trial %d%s: %s", claim.number, " (resumed)" if claim.resumed else "", describe_params(claim.params))
     try:
@@ -131,8 +134,9 @@ def trained_summary(spec: TuneSpec, claim: Claim, settings: dict[str, Any]) -> d
     summary_path = claim.folder / "summary.json"
     if summary_path.is_file():
         return read_json(summary_path, "the trial's summary")
-    if (claim.folder / "config.json").is_file():
-        config, resume = resume_config(claim.folder, {"out": str(claim.folder)}), True
+    if (claim.folder / "config.json").is_file():  # (the device may differ: another worker's GPU)
+        where = {"device": settings["device"]} if "device" in settings else {}
+        config, resume = resume_config(claim.folder, {"out": str(claim.folder), **where}), True
     else:
         config, resume = recipe_config({**settings, "out": str(claim.folder)}, source=f"trial {claim.number}"), False
     pruning = PruneOnValidation(claim, spec.monitor, by_steps=bool(config.val_every_steps))

@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 
+import torch
+
 from trainkit.errors import TrainingInterrupted, TrainkitError
 from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
 from trainkit.tune.study import TuneSpec
@@ -27,8 +29,9 @@ PARENT_CHECK_S = 0.5  # how often a worker checks that the tuner is still alive
 def run_workers(spec: TuneSpec, count: int) -> None:
     """Run ``count`` worker processes to the end of the study; raises as the tuner would."""
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
-    processes = [context.Process(target=worker_main, args=(spec, index, os.getpid()), name=f"trainkit-tune-{index}")
-                 for index in range(count)]  # fmt: skip
+    devices = worker_devices(spec.base.get("device", "auto"), count)
+    processes = [context.Process(target=worker_main, args=(spec, index, os.getpid(), devices[index]),
+                                 name=f"trainkit-tune-{index}") for index in range(count)]  # fmt: skip
     try:
         for process in processes:
             process.start()
@@ -50,24 +53,31 @@ def run_workers(spec: TuneSpec, count: int) -> None:
         raise TrainkitError(f"{', '.join(failed)} failed (the error is above); fix it, then {RESUME_ADVICE}")
 
 
+def worker_devices(device: str, count: int) -> list[str | None]:
+    """Each worker's --device: with ``auto``/``cuda`` and several visible GPUs, worker i trains on
+    ``cuda:(i mod GPUs)``; otherwise every worker keeps the study's setting (None)."""
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    return [f"cuda:{index % gpus}" if gpus > 1 else None for index in range(count)]
+
+
 def describe_exit(code: int | None) -> str:
     if code is not None and code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
 
 
-def worker_main(spec: TuneSpec, index: int, parent: int) -> None:
+def worker_main(spec: TuneSpec, index: int, parent: int, device: str | None = None) -> None:
     """A worker process: stop with the tuner, log with a prefix, report errors as the CLI does."""
     from trainkit.cli import exit_status
 
     stop_with_parent(parent)
     logging.basicConfig(level=logging.INFO, format=f"[worker {index}] %(message)s", stream=sys.stderr)
-    sys.exit(exit_status(f"trainkit tune (worker {index})", lambda: guarded_work(spec)))
+    sys.exit(exit_status(f"trainkit tune (worker {index})", lambda: guarded_work(spec, device)))
 
 
-def guarded_work(spec: TuneSpec) -> int:
+def guarded_work(spec: TuneSpec, device: str | None) -> int:
     with graceful_stop():
-        work(spec)
+        work(spec, device=device)
     return 0
 
 
