@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -98,8 +99,7 @@ class GpuCheck:
             return done.stdout
         if done.returncode != 0:
             sys.stderr.write(done.stdout + done.stderr)
-            tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-            raise AssertionError(f"`trainkit {' '.join(args[:2])}` exited {done.returncode}: {tail[0][:240]}")
+            raise AssertionError(f"`trainkit {' '.join(args[:2])}` exited {done.returncode}: {error_line(done.stderr)}")
         return done.stdout
 
     def summary(self, run: Path) -> dict:
@@ -239,11 +239,11 @@ class GpuCheck:
 
     def process_group_host_tensor(self) -> str:
         script = (
-            "import torch, torch.distributed as dist; from trainkit import distributed; "
-            f"device = torch.device({self.device!r}); "
-            "with distributed.process_group(device):\n"
-            "    host = torch.ones(3); dist.all_reduce(host)\n"
-            "    on_device = torch.ones(3, device=device); dist.all_reduce(on_device)\n"
+            "import torch\nimport torch.distributed as dist\nfrom trainkit import distributed\n"
+            f"device = torch.device({self.device!r})\n"
+            "with distributed.process_group(distributed.ddp_device(device)):\n"
+            "    host = torch.ones(3)\n    dist.all_reduce(host)\n"
+            "    on_device = torch.ones(3, device=device)\n    dist.all_reduce(on_device)\n"
             "    print(distributed.backend_for(device), host.tolist(), on_device.tolist())\n"
         )
         path = self.out / "process_group.py"
@@ -252,7 +252,7 @@ class GpuCheck:
                    str(free_port()), str(path)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=300)
         if done.returncode != 0:
-            raise AssertionError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed")
+            raise AssertionError(error_line(done.stderr))
         return done.stdout.strip()
 
     def processes(self) -> int:
@@ -373,7 +373,7 @@ class GpuCheck:
         precision = "fp16" if self.cuda else "bf16"
         printed = self.trainkit("lr-find", "--dataset", "synthetic", "--model", "mlp", "--precision", precision,
                                 "--device", self.device, "--num-iter", "30", "--out", str(self.out / "lr-find"))  # fmt: skip
-        return f"{precision}: {printed.strip().splitlines()[-1][:120]}"
+        return f"{precision}: suggested lr {json.loads(printed)['suggested_lr']:.3g}"
 
 
 class OutOfMemoryAbove(nn.Module):
@@ -386,6 +386,13 @@ class OutOfMemoryAbove(nn.Module):
         if self.training and x.shape[0] > self.limit:
             raise torch.OutOfMemoryError(f"simulated: {x.shape[0]} rows")
         return self.net(x)
+
+
+def error_line(stderr: str) -> str:
+    """The line of a failed process's stderr that names its error (torchrun ends with a banner)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^(\w+\.)*\w+(Error|Exception): ", line) or line.startswith("trainkit")]
+    return (errors or lines or ["(no output)"])[-1][:240]
 
 
 def assert_equal(got: object, want: object, what: str) -> None:
