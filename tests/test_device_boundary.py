@@ -108,6 +108,31 @@ def test_a_trainer_resumed_from_a_checkpoint_read_to_the_host_matches_the_uninte
         assert state["step"].device == devices.HOST and state["exp_avg"].device == param.device
 
 
+def test_a_stateful_dataloaders_generators_resume_from_a_checkpoint_read_to_the_host(tmp_path, device_is_not_the_host):
+    """A torchdata StatefulDataLoader's sampler and loader generators are host state in the checkpoint."""
+    from torch.utils.data import TensorDataset
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader() -> StatefulDataLoader:
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(160, 12, generator=gen)
+        dataset = TensorDataset(x, (x[:, 0] > 0).long())
+        return StatefulDataLoader(dataset, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(7))
+
+    def run(out: Path, crash_at: int | None = None, resume_from: Path | None = None) -> Trainer:
+        config = TrainConfig(batch_size=16, epochs=2, patience=0, device=RUN_DEVICE, checkpoint_every_steps=3)
+        trainer = Trainer(dropout_model(), config, out_dir=out, callbacks=[CrashAtStep(crash_at)] if crash_at else [])
+        trainer.fit(loader(), resume_from=resume_from)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "killed", crash_at=14)
+    resumed = run(tmp_path / "killed", resume_from=CheckpointDir(tmp_path / "killed" / "checkpoints").latest())
+    assert model_sha256(resumed.model) == model_sha256(whole.model)
+    assert set(device_is_not_the_host) == {devices.HOST}
+
+
 def test_the_train_jobs_resume_reads_checkpoints_to_the_host(
     synthetic_config, tmp_path, device_is_not_the_host
 ):

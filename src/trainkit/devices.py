@@ -67,6 +67,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def run_device(name: str, *, deterministic: bool = True, tf32: bool = False) -> torch.device:
+    """The run's device (``resolve_device``), made the current one, with its numerics switches set
+    (``configure_numerics``): called before any CUDA work of the run, so cuBLAS starts with them."""
+    device = use_device(resolve_device(name))
+    configure_numerics(device, deterministic=deterministic, tf32=tf32)
+    return device
+
+
 def use_device(device: torch.device) -> torch.device:
     """Make ``device`` this process's current CUDA device (a bare ``cuda`` becomes ``cuda:<current>``).
 

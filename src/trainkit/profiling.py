@@ -28,7 +28,7 @@ from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError
 from trainkit.rundir import holding_run_folder
 from trainkit.components import build_run_task, seeded_data_and_model, training_batches
-from trainkit.devices import resolve_device
+from trainkit.devices import run_device
 from trainkit.trainer import Trainer
 
 log = logging.getLogger("trainkit")
@@ -109,7 +109,7 @@ def profile_training(config: TrainConfig, *, steps: int = 20, warmup_steps: int 
         raise ConfigError(f"--steps must be in 1..{MAX_PROFILED_STEPS} and --skip-steps in 0..{MAX_PROFILED_STEPS} "
                           f"(the profiler keeps every event in memory), got {steps} and {warmup_steps}")  # fmt: skip
     config = dataclasses.replace(config, lr=1e-3 if config.lr == "auto" else config.lr).resolved()
-    device = resolve_device(config.device)
+    device = run_device(config.device, deterministic=config.deterministic, tf32=config.tf32)
     out_dir = Path(config.out) if config.out else Path("runs") / f"profile-{time.strftime('%Y%m%d-%H%M%S')}"
     with holding_run_folder(out_dir):
         return _profile(config, device, out_dir, steps=steps, warmup_steps=warmup_steps), out_dir

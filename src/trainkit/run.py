@@ -37,7 +37,7 @@ from trainkit.components import (
     load_training_data, rows_of, seeded_data_and_model, training_batches,
 )  # fmt: skip
 from trainkit.data import DatasetSplits
-from trainkit.devices import resolve_device
+from trainkit.devices import resolve_device, run_device
 from trainkit.config import LOOP_FIELDS, TrainConfig, config_from_dict, flag_name, is_factory_path
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
 from trainkit.export import SUFFIXES, export_model, export_safetensors
@@ -302,7 +302,7 @@ def _train_run(
     config = config.resolved()
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     check_ddp_settings(config, world)
-    device = resolve_device(config.device)
+    device = run_device(config.device, deterministic=config.deterministic, tf32=config.tf32)
     autocast_dtype(config.precision, device)  # fail on e.g. fp16 without CUDA before any work
     fsdp.check_offload(config.fsdp_offload, device)
     out_dir = Path(config.out) if config.out else default_out_dir(config)
@@ -561,7 +561,7 @@ def resolve_auto_lr(
 def lr_find_run(config: TrainConfig, *, start_lr: float, end_lr: float, num_iter: int) -> dict[str, Any]:
     """`trainkit lr-find`: the range test alone, for the configured model and data."""
     config = dataclasses.replace(config, lr=1e-3 if config.lr == "auto" else config.lr).resolved()
-    device = resolve_device(config.device)
+    device = run_device(config.device, deterministic=config.deterministic, tf32=config.tf32)
     out_dir = Path(config.out) if config.out else Path("runs") / f"lr-find-{time.strftime('%Y%m%d-%H%M%S')}"
     with holding_run_folder(out_dir):
         config, data, model = seeded_data_and_model(config, device)

@@ -47,8 +47,7 @@ from trainkit.checkpoint import CheckpointDir, all_finite, load_checkpoint, stat
 from trainkit.config import DEFAULT_SKIP_FRACTION, LOOP_MONITORABLE, TrainConfig
 from trainkit.batches import DeviceBatches, EpochBatches, LoaderBatches, as_epoch_batches
 from trainkit.devices import (
-    configure_numerics, explaining_nondeterministic_ops, free_cached_device_memory, host_copy, resolve_device,
-    restore_rng, rng_state, to_host, use_device,
+    explaining_nondeterministic_ops, free_cached_device_memory, host_copy, restore_rng, rng_state, run_device, to_host,
 )  # fmt: skip
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
 from trainkit.faults import crash_point
@@ -208,8 +207,7 @@ class Trainer:
         self.config = config.resolved(loop_only=True)  # the recipe fields (dataset, model, ...) are not ours
         if self.config.lr == "auto":
             raise ConfigError("Trainer needs a numeric lr; run trainkit.lr_finder.lr_find first (train_run does)")
-        self.device = use_device(resolve_device(self.config.device))  # cuda -> cuda:N, the current device
-        configure_numerics(self.device, deterministic=self.config.deterministic, tf32=self.config.tf32)
+        self.device = run_device(self.config.device, deterministic=self.config.deterministic, tf32=self.config.tf32)
         self.amp_dtype = autocast_dtype(self.config.precision, self.device)
         self.model = model.to(self.device)
         self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
