@@ -465,8 +465,9 @@ def recipe_defaults(given: Mapping[str, Any]) -> dict[str, Any]:
     if given.get("dataset") != "text":
         return {}
     model = given.get("model", TEXT_DEFAULT_MODEL)
-    recipe = {"model": TEXT_DEFAULT_MODEL, "precision": "bf16" if fast_bf16(recipe_device(given)) else "fp32",
-              **TEXT_RECIPES.get(model, TEXT_LOOP_RECIPE)}  # fmt: skip
+    recipe = {"model": TEXT_DEFAULT_MODEL, **TEXT_RECIPES.get(model, TEXT_LOOP_RECIPE)}
+    if "precision" not in given:  # bf16 where it measures faster on the run's device (trainkit.devices)
+        recipe["precision"] = "bf16" if fast_bf16(recipe_device(given)) else "fp32"
     if "epochs" in given and "max_steps" not in given:
         del recipe["max_steps"]  # --epochs alone is the budget the user asked for
     if "warmup" in given:

@@ -110,8 +110,7 @@ def rank_seed(seed: int, rank: int) -> int:
 @contextmanager
 def process_group(device: torch.device) -> Iterator[None]:
     """Join the torchrun job for the duration of the block (see ``backend_for``)."""
-    global _control_group
-    global _oom_group
+    global _control_group, _oom_group
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group(backend_for(device), device_id=device)
