@@ -105,18 +105,19 @@ class GpuCheck:
     def summary(self, run: Path) -> dict:
         return json.loads((run / "summary.json").read_text())
 
+    def launcher(self, processes: int) -> Callable[..., str]:
+        """``trainkit`` in this process's interpreter, or under torchrun with ``processes`` processes."""
+        return (lambda *args, **options: self.torchrun(processes, *args, **options)) if processes else self.trainkit
+
     def killed_and_resumed(self, run: Path, args: list[str], step: int, *, processes: int = 0) -> dict:
         """Kill a run by SIGKILL after optimizer step ``step``, resume it with the same command; its summary."""
-        launch = (lambda *a, **kw: self.torchrun(processes, *a, **kw)) if processes else self.trainkit
+        launch = self.launcher(processes)
         launch("train", *args, "--out", str(run), env={"TRAINKIT_KILL_AT": f"step:{step}"}, killed=True)
         launch("train", *args, "--out", str(run), "--resume")
         return self.summary(run)
 
     def uninterrupted(self, run: Path, args: list[str], *, processes: int = 0) -> dict:
-        if processes:
-            self.torchrun(processes, "train", *args, "--out", str(run))
-        else:
-            self.trainkit("train", *args, "--out", str(run))
+        self.launcher(processes)("train", *args, "--out", str(run))
         return self.summary(run)
 
     # ------------------------------------------------------------------ the checks

@@ -132,8 +132,7 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].to(HOST))
     random.setstate(state["python"])
     set_numpy_rng_state(state["numpy"])
-    cuda = saved_cuda_state(state.get("cuda"), device)
-    if cuda is not None and device.type == "cuda":
+    if device.type == "cuda" and (cuda := saved_cuda_state(state.get("cuda"), device)) is not None:
         torch.cuda.set_rng_state(cuda.to(HOST), device)
 
 

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from trainkit.devices import module_device, restore_rng, rng_state
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.plots import pyplot
+from trainkit.precision import autocast_dtype
 from trainkit.runtime import to_device
 from trainkit.tasks import Task
 
@@ -182,7 +183,7 @@ def lr_find(
     if rule not in SUGGESTION_RULES:
         raise ConfigError(f"rule must be one of {', '.join(SUGGESTION_RULES)}; got {rule!r}")
     device = _resolve_device(model, device)
-    amp_dtype = _autocast_dtype(precision, device)
+    amp_dtype = autocast_dtype(precision, device)
     lrs = sweep_lrs(start_lr, end_lr, num_iter, mode)
 
     snapshot = _Snapshot.take(model, optimizer)
@@ -263,18 +264,6 @@ def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torc
             f"move the model first (lr_find leaves the model where it is)"
         )
     return device
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (None: plain fp32)."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(
-            f"precision 'fp16' needs a CUDA device (it uses a GradScaler), got {device.type}; "
-            f"use precision 'bf16' or 'fp32'"
-        )
-    return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
 def _endless(batches: Iterable[Batch] | Any) -> Iterator[Batch]:
@@ -509,13 +498,14 @@ class _Snapshot:
 
     @classmethod
     def take(cls, model: nn.Module, optimizer: torch.optim.Optimizer) -> _Snapshot:
+        device = module_device(model)
         return cls(
             tensors={name: t.detach().clone() for name, t in _model_tensors(model)},
             training_flags=[module.training for module in model.modules()],
             optimizer_state=copy.deepcopy(optimizer.state_dict()),
             opt_called=getattr(optimizer, "_opt_called", _MISSING),
-            rng=rng_state(module_device(model)),
-            device=module_device(model),
+            rng=rng_state(device),
+            device=device,
         )
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
