@@ -77,13 +77,26 @@ def test_beating_the_baseline_resets_patience():
     assert state.stop_requested and state.epoch == 4 and stopper.best_epoch == 2
 
 
-def test_first_monitored_weights_are_kept_even_when_the_value_is_nan():
+def test_a_nan_validation_is_never_the_best_epoch_and_the_stop_says_why():
+    """J3: a NaN first validation was reported as "best inf at epoch 1" and its weights restored."""
     model = nn.Linear(4, 2)
-    stopper = EarlyStopping(patience=1)
+    stopper = EarlyStopping(patience=2)
     state, snapshots = run_epochs(stopper, [float("nan"), float("nan")], model)
-    assert state.stop_requested and stopper.best_epoch == 1
+    assert state.stop_requested and stopper.best_epoch is None and stopper.best_weights is None
+    assert state.stop_reason == ("early stopping: val_loss has not improved for 2 validations, 2 of them "
+                                 "non-finite (no validation gave a finite val_loss)")  # fmt: skip
     stopper.on_fit_end(state)
-    assert torch.equal(model.weight, snapshots[0]["weight"])
+    assert torch.equal(model.weight, snapshots[-1]["weight"])  # nothing restored: the last weights stay
+
+
+def test_a_finite_validation_after_a_nan_one_is_the_best():
+    model = nn.Linear(4, 2)
+    stopper = EarlyStopping(patience=2)
+    state, snapshots = run_epochs(stopper, [float("nan"), 0.7, float("inf"), 0.9], model)
+    assert state.stop_requested and state.epoch == 4 and (stopper.best, stopper.best_epoch) == (0.7, 2)
+    assert state.stop_reason.endswith("for 2 validations, 1 of them non-finite (best 0.7 at epoch 2)")
+    stopper.on_fit_end(state)
+    assert torch.equal(model.weight, snapshots[1]["weight"])
 
 
 def test_patience_zero_stops_at_the_first_epoch_without_improvement():
@@ -135,6 +148,17 @@ def test_state_round_trip():
     other = EarlyStopping(patience=3)
     other.load_state_dict(stopper.state_dict())
     assert (other.best, other.best_epoch, other.wait) == (0.5, 2, 1)
+
+
+def test_non_finite_count_survives_a_resume_and_older_checkpoints_load():
+    stopper = EarlyStopping(patience=3)
+    run_epochs(stopper, [1.0, float("nan")])
+    other = EarlyStopping(patience=3)
+    other.load_state_dict(stopper.state_dict())
+    assert (other.wait, other.nonfinite) == (1, 1)
+    older = {key: value for key, value in stopper.state_dict().items() if key != "nonfinite"}
+    other.load_state_dict(older)
+    assert other.nonfinite == 0
 
 
 @pytest.mark.parametrize("kwargs", [{"mode": "up"}, {"patience": -1}, {"min_delta": -1}, {"patience": 1.5}])

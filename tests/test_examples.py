@@ -134,7 +134,7 @@ def test_cli_trains_the_regression_factories_and_evaluate_reproduces_the_test_nu
     assert len(summary["model_sha256"]) == 64 and summary["epochs_run"] == 3
 
     best = training.out / "checkpoints" / "best.pt"
-    printed = Started([*TRAINKIT, "evaluate", str(best), "--device", "cpu"], tmp_path).finish()
+    printed = Started([*TRAINKIT, "evaluate", str(best), "--device", "cpu", *CLI_TRAIN[1:5]], tmp_path).finish()
     for name in ("mae", "r2", "loss"):
         assert f"{name} {summary['test_' + name]:.4f}" in printed, (printed, summary)
     assert "on 88 samples" in printed  # the factory rebuilt the same 20% test split

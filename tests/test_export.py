@@ -104,3 +104,48 @@ def test_a_language_model_exports_with_token_inputs(tmp_path):
     export_checkpoint(checkpoint, format="onnx", out=tmp_path / "lm.onnx")
     (logits,) = onnxruntime.InferenceSession(str(tmp_path / "lm.onnx")).run(None, {"input_0": tokens.numpy()})
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_an_export_never_replaces_the_checkpoint_or_a_run_file_and_asks_before_replacing_anything(
+    checkpoints, tmp_path, capsys
+):  # fmt: skip
+    """The review's D1: `export CKPT --out CKPT` replaced the checkpoint with the export, exit 0."""
+    import shutil
+
+    from trainkit.checkpoint import verify_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoints["mlp"].parents[1], run)
+    best = run / "checkpoints" / "best.pt"
+    epoch = run / "checkpoints" / "epoch-0001.pt"
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    for target, fmt, expected in [
+        (best, "safetensors", "is the checkpoint being exported"),
+        (epoch, "torch-export", "is one of its run folder's own files"),
+        (run / "model.safetensors", "safetensors", "is one of its run folder's own files"),
+        (run / "summary.json", "onnx", "is one of its run folder's own files"),
+    ]:
+        for overwrite in ([], ["--overwrite"]):
+            assert main(["export", str(best), "--format", fmt, "--out", str(target), *overwrite]) == 2
+            text = capsys.readouterr().err.strip()
+            assert expected in text and len(text.splitlines()) == 1, text
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
+    assert verify_checkpoint(best) is None
+    mine = tmp_path / "mine.safetensors"
+    mine.write_text("the user's own file")
+    assert main(["export", str(best), "--out", str(mine)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and mine.read_text() == "the user's own file"
+    leftover = tmp_path / ".new.safetensors.trainkit-999999.tmp"
+    leftover.write_bytes(b"a killed export's")  # a dead writer's marked temp file
+    assert main(["export", str(best), "--out", str(mine), "--overwrite"]) == 0
+    assert load_safetensors(mine) and not leftover.exists()
+    assert mine.stat().st_mode & 0o777 == 0o644 & ~current_umask()  # like every other file (the review's D8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.safetensors", "run"]  # no .tmpXXXXXX (A7)
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

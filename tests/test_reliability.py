@@ -163,3 +163,37 @@ def test_sigterm_after_or_during_a_stop_exits_75_and_resumes_exactly(kill_at, un
     assert resumed.returncode == 0, resumed.stderr
     assert summary(out)["model_sha256"] == summary(uninterrupted)["model_sha256"]
     assert history_values(out) == history_values(uninterrupted)
+
+
+# ------------------------------------------------------------------ one restart command, every state
+def folder_state(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(out.rglob("*"))}
+
+
+def test_the_same_resume_command_is_right_in_every_state_of_the_folder(uninterrupted, tmp_path):
+    """The restart contract (docs/reliability.md): a scheduler re-runs `trainkit train ... --out DIR --resume`."""
+    reference = summary(uninterrupted)["model_sha256"]
+    fresh = tmp_path / "nothing-yet"  # nothing there: the run starts, saying so
+    started = trainkit(fresh, "--resume")
+    assert started.returncode == 0, started.stderr
+    assert "holds no run yet; starting it" in started.stderr and summary(fresh)["model_sha256"] == reference
+    before = folder_state(fresh)  # finished: exit 0, nothing changes
+    again = trainkit(fresh, "--resume")
+    assert again.returncode == 0 and "already finished (summary.json); nothing to do" in again.stderr, again.stderr
+    assert folder_state(fresh) == before and json.loads(again.stdout) == summary(fresh)
+
+    leftovers = tmp_path / "killed-in-start-up"  # the lock taken, no config.json yet
+    assert trainkit(leftovers, kill_at="start:1").returncode == -signal.SIGKILL
+    assert not (leftovers / "config.json").exists()
+    restarted = trainkit(leftovers, "--resume")
+    assert restarted.returncode == 0 and "starting it" in restarted.stderr, restarted.stderr
+    assert summary(leftovers)["model_sha256"] == reference
+
+    hung_up = tmp_path / "hung-up"  # SIGHUP (the terminal closed) saves and exits 75, like SIGTERM
+    stopped = trainkit(hung_up, kill_at="step:75", signal_name="HUP")
+    assert stopped.returncode == EXIT_INTERRUPTED and "received SIGHUP" in stopped.stderr, stopped.stderr
+    assert (hung_up / "checkpoints" / "epoch-0002-step-00000075.pt").is_file()
+    (hung_up / "config.json").unlink()  # lost by hand: the checkpoints hold the settings the flags are checked against
+    resumed = trainkit(hung_up, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert summary(hung_up)["model_sha256"] == reference and (hung_up / "config.json").is_file()

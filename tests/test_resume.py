@@ -21,7 +21,9 @@ from trainkit.callbacks import Callback
 from trainkit.checkpoint import CheckpointDir, encode, load_checkpoint
 from trainkit.cli import EXIT_UNVERIFIED, EXIT_USAGE, main
 from trainkit.errors import CheckpointError, ConfigError
-from trainkit.run import fingerprint_differences, resolve_auto_lr, resume_config, train_run
+from trainkit.run import (
+    OLDER_FINGERPRINT, describe_data_change, fingerprint_differences, resolve_auto_lr, resume_config, train_run,
+)  # fmt: skip
 from trainkit.components import data_fingerprint
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
@@ -73,9 +75,10 @@ def test_the_fingerprint_names_each_part_that_differs(synthetic_config):
     saved = data_fingerprint(data)
     data.train.x[0, 0, 0, 0] += 1e-6  # one pixel of one image
     assert fingerprint_differences(saved, data_fingerprint(data)) == ["training images"]
-    assert fingerprint_differences("0123abcd", saved) == [
-        "the checkpoint's data fingerprint comes from an older trainkit and cannot be compared"
-    ]
+    assert fingerprint_differences("0123abcd", saved) == [OLDER_FINGERPRINT]
+    assert describe_data_change([OLDER_FINGERPRINT]) == (
+        "holds an older trainkit's data fingerprint, which cannot be compared with this data"
+    )  # the review's B11: the sentence read "(... cannot be compared differ)"
 
 
 # ------------------------------------------------------- damaged and crafted files
@@ -103,8 +106,10 @@ def crafted_payloads(real: dict) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize("kind", ["text-with-a-valid-trailer", "model-only", "model-is-an-int",
-                                  "weights-of-another-model"])  # fmt: skip
+DAMAGED_KINDS = ["text-with-a-valid-trailer", "model-only", "model-is-an-int"]
+
+
+@pytest.mark.parametrize("kind", DAMAGED_KINDS)
 @pytest.mark.parametrize("force", [False, True])
 def test_resume_falls_back_past_a_crafted_newest_checkpoint(kind, force, reference, synthetic_config, tmp_path, caplog):
     out = crash(synthetic_config(epochs=3, patience=0, checkpoint_every_steps=20), epoch=3)
@@ -115,6 +120,64 @@ def test_resume_falls_back_past_a_crafted_newest_checkpoint(kind, force, referen
     assert f"skipping {crafted.name}" in caplog.text and "renamed it" in caplog.text
     assert (out / "checkpoints" / f"{crafted.name}.corrupt").is_file()
     assert summary["model_sha256"] == reference["summary"]["model_sha256"]
+
+
+def folder_listing(folder: Path) -> dict[str, bytes]:
+    return {path.name: open(path, "rb").read() for path in sorted(folder.iterdir())}  # not Path.read_bytes: patched below
+
+
+def refused_resume(out: Path, overrides: dict, capsys, *, force: bool = False) -> str:
+    """`trainkit train --out OUT --resume [flags]` as a user runs it: its one line, after checking
+    it changed nothing in the run folder (no rename, no failure.json)."""
+    before = folder_listing(out / "checkpoints"), sorted(p.name for p in out.iterdir())
+    code = main(["train", "--out", str(out), "--resume", *(["--force-resume"] if force else []),
+                 *[part for key, value in overrides.items() for part in (f"--{key}", str(value))]])  # fmt: skip
+    text = capsys.readouterr().err.strip()
+    assert code == EXIT_USAGE, text
+    assert "Traceback" not in text and len(text.splitlines()) == 1, text
+    assert (folder_listing(out / "checkpoints"), sorted(p.name for p in out.iterdir())) == before
+    return text
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_and_nothing_is_set_aside(reference, synthetic_config, capsys):
+    """The review's B15: a misfit (another --hidden under --force-resume, or an edited model) is about the run,
+    not the file; the next correct --resume continues exactly."""
+    out = crash(synthetic_config(epochs=3, patience=0, checkpoint_every_steps=20), epoch=3)
+    text = refused_resume(out, {"hidden": 32}, capsys, force=True)
+    assert "do not fit this run's model" in text and "not renamed or deleted" in text
+    real = load_checkpoint(out / "checkpoints" / "epoch-0002.pt")
+    crafted = out / "checkpoints" / "epoch-0003-step-00000101.pt"  # verifies, but another model's weights
+    crafted.write_bytes(crafted_payloads(real)["weights-of-another-model"])
+    assert crafted.name in refused_resume(out, {}, capsys)
+    crafted.unlink()
+    summary = train_run(resume_config(out, {}), resume=True)
+    assert summary["model_sha256"] == reference["summary"]["model_sha256"]
+
+
+@pytest.mark.parametrize("failure", [PermissionError(13, "Permission denied"), OSError(5, "Input/output error"),
+                                     OSError(116, "Stale file handle"), MemoryError()], ids=repr)  # fmt: skip
+def test_a_read_error_that_may_pass_is_refused_and_nothing_is_set_aside(failure, reference, synthetic_config, capsys,
+                                                                        monkeypatch):  # fmt: skip
+    """The review's B16: EACCES, EIO, ESTALE or out of memory while loading say nothing about the file."""
+    out = crash(synthetic_config(epochs=3, patience=0, checkpoint_every_steps=20), epoch=3)
+    broken = monkeypatch.context()
+    with broken as patch:
+        if isinstance(failure, MemoryError):
+            patch.setattr(torch, "load", lambda *args, **kwargs: (_ for _ in ()).throw(failure))
+        else:
+            patch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(failure))
+        text = refused_resume(out, {}, capsys)
+    assert "cannot resume from" in text and ("memory" in text or failure.strerror in text)
+    summary = train_run(resume_config(out, {}), resume=True)  # it passed: the same command continues
+    assert summary["model_sha256"] == reference["summary"]["model_sha256"]
+
+
+def test_resume_never_starts_over_beside_files_set_aside_earlier(synthetic_config, capsys):
+    out = crash(synthetic_config(epochs=3, patience=0), epoch=2)
+    for path in (out / "checkpoints").iterdir():
+        path.rename(path.with_name(path.name + ".corrupt"))
+    text = refused_resume(out, {}, capsys)
+    assert "only files set aside earlier" in text and "epoch-0001.pt.corrupt" in text
 
 
 def test_inspect_and_evaluate_on_crafted_files_are_one_line(reference, tmp_path, capsys):
@@ -196,3 +259,50 @@ def test_a_setting_an_older_checkpoint_predates_counts_as_its_default():
     saved = {"lr": 1e-3}  # written before sync_batchnorm existed
     assert config_differences(saved, {"lr": 1e-3, "sync_batchnorm": False}) == []
     assert config_differences(saved, {"lr": 1e-3, "sync_batchnorm": True}) == ["sync_batchnorm: False -> True"]
+
+
+# ------------------------------------------------------- changes that do not change the run
+def test_resume_accepts_other_workers_and_fewer_cores_with_a_note(synthetic_config, monkeypatch, caplog):
+    """The review's B12/B13: a requeue onto a smaller machine, another --num-workers (bit-identical by design)."""
+    out = crash(synthetic_config(epochs=2, patience=0, threads=2), epoch=2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    config = resume_config(out, {"num_workers": 2, "threads": 1})
+    assert (config.threads, config.num_workers) == (1, 2) and "--threads 1 where the run used 2" in caplog.text
+    config = resume_config(out, {})
+    assert config.threads == 1 and "this machine has 1 cores; continuing with 1" in caplog.text
+    assert train_run(config, resume=True)["epochs_run"] == 2
+
+
+def test_a_setting_this_trainkit_does_not_know_is_ignored_with_a_warning(synthetic_config, caplog, capsys):
+    """The review's B10: a setting removed or renamed later must not strand older runs."""
+    out = crash(synthetic_config(epochs=2, patience=0), epoch=2)
+    settings = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**settings, "old_setting": 1}))
+    for path in (out / "checkpoints").glob("*.pt"):
+        payload = load_checkpoint(path)
+        payload["config"]["old_setting"] = 1
+        payload["versions"] = {"trainkit": "0.0.1", "torch": "2.0.0"}
+        path.write_bytes(encode(payload))
+    assert train_run(resume_config(out, {}), resume=True)["epochs_run"] == 2
+    assert "does not know (old_setting); ignored" in caplog.text
+    assert "written by another version (trainkit 0.0.1 -> 0.1.0, torch 2.0.0 -> " in caplog.text  # the review's B8
+    assert main(["evaluate", str(out / "checkpoints" / "best.pt"), "--device", "cpu"]) == 0, capsys.readouterr().err
+
+
+def test_lr_find_refuses_a_run_folder_whose_lr_find_json_a_run_resumes_with(reference, capsys):
+    """The review's B17: lr-find replaced a --lr auto run's lr_find.json, and the run could not resume."""
+    before = sorted(p.name for p in reference["out"].iterdir())
+    code = main(["lr-find", "--dataset", "synthetic", "--num-iter", "5", "--out", str(reference["out"])])
+    assert code == EXIT_USAGE and "holds a training run" in capsys.readouterr().err
+    assert sorted(p.name for p in reference["out"].iterdir()) == before
+
+
+def test_two_runs_without_out_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    """The review's A9: a sweep script's runs must not collide on runs/<dataset>-<model>-<time>."""
+    from trainkit.config import TrainConfig
+    from trainkit.run import default_out_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda _: "20261207-173507")
+    names = [default_out_dir(TrainConfig(dataset="synthetic")).name for _ in range(3)]
+    assert names == ["synthetic-mlp-20261207-173507", "synthetic-mlp-20261207-173507-2", "synthetic-mlp-20261207-173507-3"]

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from crashes import CrashAtEpoch
 from safetensors.torch import load_file
 
@@ -37,6 +38,14 @@ def test_plots_off_writes_no_pngs_and_the_same_weights_and_may_change_on_resume(
     assert not list((tmp_path / "bare").glob("*.png")) and (tmp_path / "bare" / "summary.json").is_file()
     assert bare["model_sha256"] == plotted["model_sha256"]
     assert resume_config(tmp_path / "bare", {"plots": True}).plots is True  # not a different run
+
+
+def test_a_runs_thread_count_does_not_leak_into_the_next_run_of_the_process(synthetic_config, tmp_path):
+    """A run with --threads 1 left the process at one thread, so a later in-process run (a notebook;
+    test_tune's uninterrupted reference) summed differently from a fresh process and got other weights."""
+    before = torch.get_num_threads()
+    train_run(synthetic_config(out=str(tmp_path / "one"), epochs=1, threads=1))
+    assert torch.get_num_threads() == before
 
 
 def test_same_seed_same_weights_different_seed_different(synthetic_config, tmp_path):
@@ -84,15 +93,13 @@ def test_resume_refuses_changed_settings(synthetic_config, tmp_path):
     assert resume_config(tmp_path / "run", {"device": "cpu"}).epochs == 1
 
 
-def test_resume_of_a_missing_run_is_a_clear_error(synthetic_config, tmp_path):
-    with pytest.raises(ConfigError, match="holds no trainkit run"):
-        train_run(synthetic_config(), resume=True)
-
-
-def test_resume_refuses_a_finished_run(synthetic_config):
-    train_run(synthetic_config(epochs=1))
-    with pytest.raises(ConfigError, match="already finished"):
-        train_run(synthetic_config(epochs=1), resume=True)
+def test_resume_of_a_folder_without_a_run_starts_it_and_of_a_finished_run_changes_nothing(synthetic_config, caplog):
+    caplog.set_level("INFO", logger="trainkit")
+    first = train_run(synthetic_config(epochs=1), resume=True)
+    assert "holds no run yet; starting it" in caplog.text and first["epochs_run"] == 1
+    assert train_run(synthetic_config(epochs=1), resume=True) == json.loads(
+        (Path(synthetic_config().out) / "summary.json").read_text())
+    assert "already finished (summary.json); nothing to do" in caplog.text
 
 
 def test_retention_across_a_run_and_best_is_the_best_validation_epoch(synthetic_config, tmp_path):
@@ -208,9 +215,10 @@ def test_resume_refuses_a_checkpoint_with_different_settings_naming_them(synthet
         train_run(resume_config(out, {}), resume=True)
 
 
-def test_force_resume_accepts_changed_settings(synthetic_config, tmp_path):
+def test_force_resume_accepts_changed_settings_and_names_each_it_overrides(synthetic_config, tmp_path, caplog):
     out = crashed_run(synthetic_config, tmp_path)
     summary = train_run(resume_config(out, {"lr": 5e-4}, force=True), resume=True, force_resume=True)
+    assert "--force-resume: continuing from" in caplog.text and "a setting differs (lr: 0.001 -> 0.0005)" in caplog.text
     assert summary["epochs_run"] == 3
     assert json.loads((out / "config.json").read_text())["lr"] == 5e-4
 

@@ -16,9 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from trainkit.checkpoint import CheckpointDir
 from trainkit.cli import EXIT_USAGE
 from trainkit.errors import ConfigError
-from trainkit.rundir import holding_run_folder, lock_run_folder, release_run_folder, remove_stale_temp_files
+from trainkit.rundir import (
+    RunFolderBusy,
+    holding_run_folder,
+    lock_run_folder,
+    release_run_folder,
+    remove_stale_temp_files,
+    temp_path,
+)
 
 RUN = ["--dataset", "synthetic", "--epochs", "3", "--batch-size", "64", "--device", "cpu",
        "--checkpoint-every-steps", "10"]  # fmt: skip
@@ -129,20 +137,128 @@ def test_an_out_that_cannot_be_written_is_one_line(read_only_folder):
         lock_run_folder(read_only_folder)  # an existing one
 
 
-def test_temp_clean_up_removes_dead_writers_files_only(tmp_path):
+@pytest.fixture
+def pids():
+    """(a live process's PID, a dead process's PID)."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(finished.stdout)
+    yield sleeper.pid, int(finished.stdout)
+    sleeper.send_signal(signal.SIGKILL)
+    sleeper.wait()
+
+
+def test_temp_clean_up_removes_dead_writers_files_only(tmp_path, pids):
+    live_pid, dead_pid = pids
+    live = tmp_path / f".epoch-0002.pt.trainkit-{live_pid}.tmp"
+    dead = tmp_path / f".epoch-0001.pt.trainkit-{dead_pid}.tmp"
+    older_live = tmp_path / f".epoch-0003.pt.{live_pid}.tmp"  # an older trainkit's unmarked names
+    older_dead = tmp_path / f".history.csv.{dead_pid}.tmp"
+    older_no_pid = tmp_path / ".config.json.tmp"
+    ours = temp_path(tmp_path / "summary.json")
+    for path in (live, dead, older_live, older_dead, older_no_pid, ours):
+        path.write_bytes(b"partial")
+    removed = remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([dead.name, older_dead.name, older_no_pid.name, ours.name])
+    assert live.exists() and older_live.exists(), "a temp file whose writer is alive is never removed"
+    assert ours.name == f".summary.json.trainkit-{os.getpid()}.tmp"
+
+
+def users_files(folder: Path, dead_pid: int) -> dict[Path, str]:
+    """The review's K1 folder: hidden *.tmp files and a folder of the user's, next to trainkit's names."""
+    files = {folder / ".cache.tmp" / "data.txt": "precious", folder / ".draft.tmp": "draft",
+             folder / f".session.{dead_pid}.tmp": "x", folder / "notes.txt": "keep",
+             folder / f".notes.txt.{dead_pid}.tmp": "not a file trainkit writes",
+             folder / f".model.safetensors.trainkit-{dead_pid}.tmp" / "inside": "a folder, outside checkpoints/"}  # fmt: skip
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return files
+
+
+def test_temp_clean_up_never_touches_the_users_own_tmp_files_or_folders(tmp_path, pids):
+    """K1: the clean-up used to remove every hidden *.tmp in --out, rmtree-ing folders."""
+    _, dead_pid = pids
+    files = users_files(tmp_path, dead_pid)
+    assert remove_stale_temp_files(tmp_path) == []
+    assert {path: path.read_text() for path in files} == files
+    checkpoints = tmp_path / "checkpoints"
+    shards = checkpoints / f".epoch-0003.dcp.trainkit-{dead_pid}.tmp"
+    shards.mkdir(parents=True)
+    (shards / "__0_0.distcp").write_bytes(b"shard")
+    (checkpoints / ".cache.tmp").mkdir()
+    assert CheckpointDir(checkpoints).remove_temp_files() == [shards]  # a checkpoint folder: temp folders too
+    assert not shards.exists() and (checkpoints / ".cache.tmp").is_dir()
+
+
+def test_a_run_into_a_folder_of_the_users_keeps_the_users_tmp_files(tmp_path, pids):
+    """K1, end to end: `trainkit train --out DIR` on a folder of the user's own."""
+    from trainkit.config import TrainConfig
+    from trainkit.run import train_run
+
+    _, dead_pid = pids
+    files = users_files(tmp_path, dead_pid)
+    leftover = tmp_path / f".summary.json.trainkit-{dead_pid}.tmp"
+    leftover.write_text("a crashed writer's")
+    train_run(TrainConfig(dataset="synthetic", epochs=1, batch_size=64, device="cpu", out=str(tmp_path)))
+    assert {path: path.read_text() for path in files} == files
+    assert not leftover.exists()
+    assert (tmp_path / "summary.json").is_file()
+
+
+HOLD_SHARED = ("import fcntl, sys, time; handle = open(sys.argv[1], 'rb'); fcntl.flock(handle, fcntl.LOCK_SH);"
+               "print('held', flush=True); time.sleep(float(sys.argv[2]))")  # what is_locked does, made longer
+
+
+def hold_shared_lock(out: Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_SHARED, str(out / ".lock"), str(seconds)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_lock_attempt_outwaits_a_momentary_holder_and_not_a_lasting_one(tmp_path):
+    """F6: a probe's shared lock at the instant of lock_run_folder used to refuse the run."""
+    out = tmp_path / "run"
+    lock_run_folder(out)
+    release_run_folder(out)
+    holder = hold_shared_lock(out, 0.3)
+    lock_run_folder(out)
     try:
-        live = tmp_path / f".epoch-0002.pt.{sleeper.pid}.tmp"
-        dead = tmp_path / f".epoch-0001.pt.{dead_pid}.tmp"
-        old_style = tmp_path / ".config.json.tmp"
-        ours = tmp_path / f".summary.json.{os.getpid()}.tmp"
-        for path in (live, dead, old_style, ours):
-            path.write_bytes(b"partial")
-        removed = remove_stale_temp_files(tmp_path)
-        assert sorted(p.name for p in removed) == sorted([dead.name, old_style.name, ours.name])
-        assert live.exists(), "a temp file whose writer is alive is never removed"
+        assert holder.poll() == 0, "the lock was taken only once the holder let go"
+        assert (out / ".lock").read_text() == f"{os.getpid()}\n"
     finally:
-        sleeper.send_signal(signal.SIGKILL)
-        sleeper.wait()
+        release_run_folder(out)
+    holder = hold_shared_lock(out, 5)
+    started = time.monotonic()
+    with pytest.raises(RunFolderBusy, match="is in use by another trainkit process"):
+        lock_run_folder(out)
+    assert 0.9 < time.monotonic() - started < 4
+    holder.kill()
+    holder.wait()
+
+
+POLL = ("import sys; from pathlib import Path; from trainkit.rundir import is_locked\n"
+        "out, stop = map(Path, sys.argv[1:]); print('polling', flush=True)\n"
+        "while not stop.exists():\n    for _ in range(100): is_locked(out)")  # fmt: skip
+
+
+def test_polling_is_locked_in_another_process_never_refuses_a_lock(tmp_path):
+    """F6 as the review measured it: 11 of 2000 attempts were refused (60-70 of 2000 here)."""
+    out, stop = tmp_path / "run", tmp_path / "stop"
+    lock_run_folder(out)
+    release_run_folder(out)
+    poller = subprocess.Popen([sys.executable, "-c", POLL, str(out), str(stop)], stdout=subprocess.PIPE, text=True)
+    refused = 0
+    try:
+        assert poller.stdout.readline().strip() == "polling"
+        for _ in range(1000):  # each attempt is a fresh open + flock, like a starting run's
+            try:
+                lock_run_folder(out)
+            except RunFolderBusy:
+                refused += 1
+                continue
+            release_run_folder(out)
+    finally:
+        stop.touch()
+        poller.wait(timeout=60)
+    assert refused == 0

@@ -11,10 +11,10 @@ import subprocess
 import pytest
 
 from trainkit.errors import ConfigError
-from trainkit.report import build_report
+from trainkit.report import build_report, curve_svg, write_report
 from trainkit.rundir import holding_run_folder
 from trainkit.run import train_run
-from trainkit.runs import find_runs, read_run, runs_table
+from trainkit.runs import find_runs, read_history, read_run, runs_table
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,108 @@ def test_a_damaged_history_is_one_line_naming_the_file(three_runs, tmp_path):
     (broken / "history.csv").write_text("epoch,train_loss\n1,not-a-number\n")
     with pytest.raises(ConfigError, match=r"the run's history .*broken/history.csv is damaged"):
         build_report([broken])
+
+
+def copies(three_runs, root, *names: str):
+    """Copies of run a under ``root``, one per name (the module's runs stay as they are)."""
+    for name in names:
+        shutil.copytree(three_runs / "a", root / name, ignore=shutil.ignore_patterns(".lock"))
+    return [root / name for name in names]
+
+
+def test_a_damaged_run_is_left_out_with_a_warning_and_the_others_listed(three_runs, tmp_path, caplog, capsys):
+    """F5: one history.csv cut off mid-number made `runs` and `report` exit 2 for every run."""
+    from trainkit.cli import main
+
+    copies(three_runs, tmp_path, "r1", "r2", "r3")
+    with (tmp_path / "r2" / "history.csv").open("a") as handle:
+        handle.write("3,2.1e\n")
+    caplog.set_level("WARNING", logger="trainkit")
+    assert main(["runs", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [row.split(" | ")[0] for row in rows] == ["| r1", "| r3"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and "r2/history.csv is damaged (line 4: " in warnings[0] and "'2.1e'" in warnings[0]
+    assert "\n" not in warnings[0]
+    page = build_report([tmp_path])
+    assert ">r1<" in page and ">r3<" in page and ">r2<" not in page
+
+
+def test_a_folder_name_that_is_mathtext_is_drawn_literally(three_runs, tmp_path):
+    """F7: a run folder named a$\\frac{1}$b made the report a matplotlib traceback."""
+    import matplotlib
+
+    name = r"a$\frac{1}$b"
+    (folder,) = copies(three_runs, tmp_path, name)
+    page = build_report([folder])
+    assert page.count("<svg") == 5 and f"<td>{name}</td>" in page
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text as <text>, so the drawn label can be read
+        svg = curve_svg([read_run(folder)], "loss", [name])
+    assert f"{name}: val_loss" in svg
+
+
+def test_plot_history_draws_mathtext_like_metric_names_literally(tmp_path):
+    """F7 in the run's own plots: a user's metric named like mathtext."""
+    from trainkit.plots import plot_history
+
+    history = [{"epoch": e, "train_a$\\frac{1}$b": 0.5 / e, "val_a$\\frac{1}$b": 0.6 / e, "lr": 1e-3} for e in (1, 2)]
+    written = plot_history(history, tmp_path)
+    assert sorted(path.name for path in written) == ["a$\\frac{1}$b.png", "lr.png"]
+    assert all(path.stat().st_size > 1000 for path in written)
+
+
+def test_control_characters_in_a_folder_name_never_split_a_table_row(three_runs, tmp_path):
+    """F8: a newline in --out split the row of `trainkit runs` over two lines."""
+    copies(three_runs, tmp_path, "a\nb", "c|d", "e\x1b[31mf")
+    lines = runs_table(tmp_path).splitlines()
+    assert len(lines) == 2 + 3 and all(line.startswith("| ") and line.endswith(" |") for line in lines)
+    names = sorted(line.split(" | ")[0].removeprefix("| ") for line in lines[2:])
+    assert names == [r"a\nb", r"c\|d", r"e\x1b[31mf"]
+    assert all(line.count(" | ") == 6 for line in lines[2:])
+
+
+def long_history(folder, rows: int) -> None:
+    """history.csv of ``rows`` validation steps, one loss spike in the middle."""
+    lines = ["epoch,step,train_loss,val_loss,lr"]
+    lines += [f"1,{i},{1 / i},{10.0 if i == rows // 2 else 2 / i},0.001" for i in range(1, rows + 1)]
+    (folder / "history.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_long_history_makes_a_small_report_with_its_extremes_kept(three_runs, tmp_path):
+    """F3: one SVG marker per point made a 200,000-row history a 149 MB page."""
+    (folder,) = copies(three_runs, tmp_path, "long")
+    long_history(folder, 50_000)
+    page = build_report([folder])
+    assert len(page) < 600_000 and page.count('href="#m') < 200  # tick marks only: no marker per point
+    history = read_history(folder / "history.csv")
+    assert len(history) == 50_000 and history.columns["val_loss"].nbytes == 8 * 50_000  # 8 bytes a cell
+
+    from trainkit.plots import MAX_POINTS, downsampled
+
+    xs, ys = downsampled(*history.points("val_loss"))
+    assert len(xs) <= MAX_POINTS and list(xs[[0, -1]]) == [1, 50_000]
+    assert ys.max() == 10.0 and xs[ys.argmax()] == 25_000  # the spike survives
+    assert list(xs) == sorted(xs)
+
+
+def test_report_refuses_an_out_that_would_destroy_a_file(three_runs, tmp_path):
+    """D1b: `report RUN --out RUN/summary.json` replaced the summary with HTML, exit 0."""
+    (run,) = copies(three_runs, tmp_path, "run")
+    summary = (run / "summary.json").read_bytes()
+    for target in (run / "summary.json", run / "config.json", run / "checkpoints" / "best.pt",
+                   run / "checkpoints" / "new.html", run / "failure.json"):  # fmt: skip
+        for overwrite in (False, True):  # --overwrite never makes a run's own file a report's target
+            with pytest.raises(ConfigError, match=r"is a file of the run folder .*run; write the report elsewhere"):
+                write_report([run], target, overwrite=overwrite)
+    assert (run / "summary.json").read_bytes() == summary and not (run / "failure.json").exists()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(ConfigError, match="exists and is not a trainkit report; .* --overwrite"):
+        write_report([run], notes)
+    assert notes.read_text() == "mine"
+    with pytest.raises(ConfigError, match="is a folder"):
+        write_report([run], tmp_path)
+    assert write_report([run], notes, overwrite=True) == notes and "<svg" in notes.read_text()
+    for _ in range(2):  # a new report, then one over the earlier one, in the run folder too
+        write_report([run], run / "report.html")
+    assert (run / "report.html").read_text().count("<svg") == 5

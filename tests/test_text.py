@@ -8,8 +8,10 @@ import math
 import os
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,11 +21,13 @@ from test_bad_input import run_main
 from test_distributed import free_port
 from trainkit.cli import EXIT_USAGE
 from trainkit.config import recipe_config
-from trainkit.errors import ConfigError
+from trainkit.errors import ConfigError, DataError
 from trainkit.init import GPT_STD, init_weights
 from trainkit.export import export_safetensors, load_safetensors
 from trainkit.run import train_run
-from trainkit.text.data import RandomWindows, load_text, validation_batches, window_pairs
+from trainkit.text import data as text_data
+from trainkit.text import tokenizers as text_tokenizers
+from trainkit.text.data import RandomWindows, load_text, read_text, validation_batches, window_pairs
 from trainkit.text.generate import generate
 from trainkit.text.models import LSTMLanguageModel, Transformer, parameter_count
 from trainkit.text.tokenizers import UNKNOWN_CHAR, ByteTokenizer, CharTokenizer, tokenizer_from_state, train_tokenizer
@@ -62,6 +66,30 @@ def test_char_vocabulary_comes_from_the_training_text_and_unknown_characters_sti
     assert tokenizer.decode(ids) == f"ab{UNKNOWN_CHAR}{UNKNOWN_CHAR}a"
 
 
+def one_pass_char_ids(tokenizer: CharTokenizer, text: str) -> np.ndarray:
+    """The char tokenizer's encoding before it went piece by piece: the whole text at once."""
+    codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    ids = np.minimum(np.searchsorted(tokenizer._codepoints, codepoints), len(tokenizer._codepoints) - 1)
+    return np.where(tokenizer._codepoints[ids] == codepoints, ids, tokenizer.unknown_id).astype(np.int32)
+
+
+def test_encoding_piece_by_piece_gives_the_ids_of_one_pass(monkeypatch):
+    text = (UNICODE + "☃ 日本語 \x00 z") * 40  # characters outside the vocabulary fall in every piece
+    char = CharTokenizer.train(UNICODE)
+    whole = char.encode(text)
+    monkeypatch.setattr(text_tokenizers, "CODE_POINT_CHUNK", 7)
+    pieces = char.encode(text)
+    assert pieces.dtype == np.int32 and np.array_equal(pieces, whole)
+    assert np.array_equal(pieces, one_pass_char_ids(char, text))
+    assert char.encode("").tolist() == []
+    pytest.importorskip("tokenizers")
+    bpe = train_tokenizer("bpe", KJV.read_text(encoding="utf-8")[:50_000], vocab_size=300)
+    lines = KJV.read_text(encoding="utf-8")[:200_000]  # 128 pieces of 256 lines
+    batched = bpe.encode(lines)
+    monkeypatch.setattr(text_tokenizers, "BPE_BATCH", 10**9)
+    assert np.array_equal(batched, bpe.encode(lines)) and batched.dtype == np.int32
+
+
 def test_byte_tokenizer_has_every_byte_and_bpe_compresses():
     assert ByteTokenizer().encode("é").tolist() == [0xC3, 0xA9]
     pytest.importorskip("tokenizers")
@@ -84,6 +112,66 @@ def test_split_is_by_position_and_the_tokenizer_sees_only_the_training_part(tmp_
     data = load_text(path, val_fraction=0.1, block_size=4)
     assert data.tokenizer.chars == "a"  # 'z' appears only in the validation part
     assert data.train.tolist() == [0] * 90 and data.val.tolist() == [data.tokenizer.unknown_id] * 10
+
+
+def test_a_byte_order_mark_is_not_text_and_error_bytes_count_from_the_file_start(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbfhello\n")
+    assert read_text(path) == "hello\n"
+    path.write_bytes(b"\xef\xbb\xbf \n")
+    with pytest.raises(DataError, match=f"^--data-file {path} holds no text$"):
+        read_text(path)
+    path.write_bytes(b"\xef\xbb\xbfab\xe9")
+    with pytest.raises(DataError, match=r"is not UTF-8 text \(byte 5 is 0xe9\)"):
+        read_text(path)
+
+
+def test_text_of_control_characters_is_refused_above_a_tenth_or_at_a_block_of_nul(tmp_path):
+    path = tmp_path / "t.txt"
+
+    def refusal(text: str) -> str | None:
+        path.write_text(text, encoding="utf-8")
+        try:
+            read_text(path)
+        except DataError as exc:
+            return str(exc)
+        return None
+
+    assert refusal("a" * 9000 + "\x1b" * 1000) is None  # a tenth: terminal colours in a log, say
+    assert refusal("a" * 9000 + "\x1b" * 1001) == (
+        f"--data-file {path} is not text: 1,001 of its 10,001 characters are control characters (0 NUL); "
+        "is it binary or a sparse/zeroed file?")  # fmt: skip
+    assert refusal("a" * 10 + "\t\n\f\r" * 1000) is None  # layout, not control
+    assert "2,000 of its 10,000 characters are control characters" in refusal("a" * 8000 + "\x85\x7f" * 1000)
+    assert refusal("a" * 100_000 + "\x00" * 4095) is None
+    assert "(4,096 NUL)" in refusal("a" * 100_000 + "\x00" * 4096)  # 4%, but a block of zeros
+
+
+def test_a_file_larger_than_the_memory_available_is_refused_before_it_is_read(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "big.txt"
+    path.write_text("word " * 100_000, encoding="utf-8")  # 488 KiB: about 3.8 MiB loaded
+    monkeypatch.setattr(text_data, "available_memory_bytes", lambda: 2 * 1024**2)
+    monkeypatch.setattr(text_data, "read_bytes", lambda path: pytest.fail("read before the memory check"))
+    code, output = run_main(["train", "--dataset", "text", "--data-file", str(path), "--out", str(tmp_path / "run")],
+                            capsys)  # fmt: skip
+    assert code == EXIT_USAGE and len(output.strip().splitlines()) == 1
+    assert (f"--data-file {path} is 0.5 MiB; reading and encoding it (--tokenizer char) needs about 3.8 MiB of "
+            "memory but 2.0 MiB is available; train on part of it") in output  # fmt: skip
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_loading_text_peaks_at_a_few_times_the_file():
+    """The ids (4 bytes a character) and the text's split copies, not a whole-file utf-32 copy and
+    int64 search positions (24x the file before)."""
+    tracemalloc.start()
+    try:
+        data = load_text(KJV, block_size=32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    size = KJV.stat().st_size
+    assert len(data.train) + len(data.val) == size  # ASCII: a character a byte
+    assert peak < 6 * size, f"peak {peak / size:.1f}x the file"
 
 
 def test_random_windows_are_seeded_per_batch_and_resume_exactly():
@@ -198,6 +286,19 @@ def test_generation_is_reproducible_by_seed_and_respects_top_k():
     assert len(greedy_like) == 1  # top-1 leaves nothing to chance
 
 
+def test_undecodable_prompt_bytes_are_unknown_characters():
+    """`--prompt $'\\xff\\xfe'` reaches Python as surrogates, which no codec encodes."""
+    char = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,;:!?ABCDEFGHIJKLMNOP")
+    for tokenizer in (char, ByteTokenizer()):
+        torch.manual_seed(0)
+        model = Transformer(tokenizer.vocab_size, 16, layers=1, heads=2, width=32).eval()
+        text = generate(model, tokenizer, "ab\udcff\udcfe", tokens=5, seed=1)
+        assert text.startswith(f"ab{UNKNOWN_CHAR}{UNKNOWN_CHAR}") and len(text.encode("utf-8")) >= 10
+        assert generate(model, tokenizer, "\udcff", tokens=0) == UNKNOWN_CHAR
+    ids = char.encode(text_tokenizers.replace_surrogates("a\udcff"))
+    assert ids.tolist() == [char.chars.index("a"), char.unknown_id]
+
+
 # --------------------------------------------------------------- runs, end to end
 def text_config(text_file: Path, out: Path, **settings) -> object:
     base = dict(dataset="text", data_file=str(text_file), layers=2, heads=2, width=32, block_size=32, batch_size=8,
@@ -235,6 +336,8 @@ def test_lstm_trains_and_generates_from_its_run_folder(text_file, tmp_path, caps
     code, first = run_main(argv, capsys)
     assert code == 0 and first.startswith("In the") and len(first.rstrip("\n")) >= 36
     assert run_main(argv, capsys) == (0, first)
+    code, output = run_main([*argv[:2], "--prompt", "\udcff\udcfe", "--tokens", "5"], capsys)  # $'\xff\xfe'
+    assert code == 0 and output.startswith(UNKNOWN_CHAR * 2) and len(output.rstrip("\n")) >= 7
 
 
 def trainkit(cwd: Path, *args: str, kill_at: str | None = None, processes: int = 1) -> subprocess.CompletedProcess:
@@ -268,6 +371,11 @@ def bad_cases(tmp_path: Path, text_file: Path) -> list[tuple[list[str], str]]:
     latin1.write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf")
+    zeros = tmp_path / "zeros.txt"
+    zeros.touch()
+    os.truncate(zeros, 2**20)  # truncate -s 1M: a sparse file of NULs
     text = ["train", "--dataset", "text", "--data-file", str(text_file), "--out", str(tmp_path / "run")]
     return [
         (["train", "--dataset", "text", "--out", str(tmp_path / "run")], "needs --data-file"),
@@ -275,6 +383,9 @@ def bad_cases(tmp_path: Path, text_file: Path) -> list[tuple[list[str], str]]:
         ([*text[:4], str(tmp_path), *text[5:]], "it is a folder"),
         ([*text[:4], str(latin1), *text[5:]], "is not UTF-8 text (byte 3 is 0xe9)"),
         ([*text[:4], str(empty), *text[5:]], "holds no text"),
+        ([*text[:4], str(bom), *text[5:]], f"--data-file {bom} holds no text"),
+        ([*text[:4], str(zeros), *text[5:]], f"--data-file {zeros} is not text: 1,048,576 of its 1,048,576 "
+         "characters are control characters (1,048,576 NUL); is it binary or a sparse/zeroed file?"),
         ([*text, "--tokenizer", "words"], "--tokenizer: invalid choice"),
         ([*text, "--vocab-size", "500"], "--vocab-size sets the bpe vocabulary"),
         ([*text, "--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be in 257.."),

@@ -12,7 +12,8 @@ from torch import nn
 from trainkit.callbacks import Callback, TrainState
 from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
-from trainkit.errors import ConfigError, NonFiniteLossError, TrainkitError
+from trainkit import tasks
+from trainkit.errors import ConfigError, DataError, NonFiniteLossError, TrainkitError
 from trainkit.trainer import Trainer, group_batches
 
 
@@ -367,3 +368,186 @@ def test_compiled_forward_matches_eager_and_keeps_plain_state_dict_keys():
     assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # no "_orig_mod." prefix
     for got, want in zip(compiled.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------ the user's data: labels, shapes, dtypes (W-1)
+class Rows(torch.utils.data.Dataset):
+    """A map-style dataset over tensors (not a TensorDataset: trainkit reads it sample by sample)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int):
+        return self.x[index], self.y[index]
+
+
+def labels_with(row: int, value: int, n: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = toy_data(n)
+    y[row] = value
+    return x, y
+
+
+def test_a_label_outside_the_models_classes_is_one_data_error_naming_the_step_and_value():
+    x, y = labels_with(70, 3)  # the toy model has 3 classes: 0-2
+    trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=2))
+    with pytest.raises(DataError) as caught:
+        trainer.fit(Rows(x, y))
+    message = str(caught.value)
+    assert message.startswith("the training batch of optimizer step ") and "(epoch 1): row " in message
+    assert message.endswith("has label 3, but the model has 3 outputs (classes 0-2): fix the labels, or give the model 4 outputs")
+
+
+def test_where_the_loss_cannot_refuse_a_label_the_guard_keeps_it_out_and_stops_at_the_next_check(monkeypatch):
+    """CUDA's cross-entropy asserts on the device instead of raising: the LabelGuard path (forced on the CPU)."""
+    monkeypatch.setattr(tasks, "loss_refuses_bad_labels", lambda targets: False)
+    x, y = labels_with(70, 5)
+    trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=2))
+    with pytest.raises(DataError, match=r"^a training batch of epoch 1 \(optimizer steps 1-5\) holds label 5, but the "
+                                         r"model has 3 outputs \(classes 0-2\)"):  # fmt: skip
+        trainer.fit(Rows(x, y))
+    assert trainer.state.global_step == 5 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_the_guard_passes_good_labels_unchanged_and_masks_bad_ones(monkeypatch):
+    monkeypatch.setattr(tasks, "loss_refuses_bad_labels", lambda targets: False)
+    guard = tasks.LabelGuard(-100)
+    assert guard(torch.tensor([0, 2, -100, 1]), 3).tolist() == [0, 2, -100, 1]
+    assert guard(torch.tensor([-1, 3, 7, 2]), 3).tolist() == [-100, -100, -100, 2]
+    seen = guard.take(training=True)
+    assert (seen.no_target, seen.lowest, seen.highest, seen.classes) == (False, -1, 7, 3)
+    assert seen.out_of_range().startswith("label -1: class labels are indices from 0 to 3 (the model's outputs) minus 1")
+    assert guard.take(training=True) is None  # read once
+
+
+def test_a_validation_label_outside_the_classes_names_the_validation():
+    x, y = toy_data(80)
+    vx, vy = labels_with(5, 9, n=32)
+    trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=2))
+    with pytest.raises(DataError, match=r"^validation after epoch 1: row 5 of the batch has label 9, but the model has 3 outputs"):
+        trainer.fit(DeviceBatches(x, y, 16), Rows(vx, vy))
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (lambda y: y.float(), "training samples 0-79: sample 0 has label 0 (float32): classification needs integer class indices"),
+        (lambda y: y.int(), "training samples 0-79: its labels are int32: the cross-entropy loss takes torch.long class indices: return torch.long labels"),
+        (lambda y: y.index_fill(0, torch.tensor([33]), -1), "training samples 0-79: sample 33 has label -1: class labels are indices from 0"),
+        (lambda y: torch.full_like(y, -100), "training samples 0-79: no target in these samples: every label is the ignore index -100 (padding), "
+                                             "so the loss is NaN; give it real labels or leave such batches out (a lower lr would not help)"),
+    ],
+)
+def test_labels_the_loss_cannot_take_are_refused_before_the_first_step(labels, message):
+    x, y = toy_data(80)
+    trainer = Trainer(toy_model(), plain_config(batch_size=16))
+    with pytest.raises(DataError) as caught:
+        trainer.fit(torch.utils.data.TensorDataset(x, labels(y)))
+    assert str(caught.value).startswith(message) and trainer.state.global_step == 0
+
+
+def test_a_batch_with_no_target_later_in_training_says_so_not_lower_the_lr():
+    """G11: every label the ignore index gives a NaN loss; the message was "Try a lower --lr"."""
+    x, y = toy_data(64)
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    batches[2] = (batches[2][0], torch.full((16,), -100))
+    trainer = Trainer(toy_model(), plain_config(batch_size=16))
+    with pytest.raises(DataError, match=r"^the training loss became NaN at optimizer step 3: no target in a training batch "
+                                         r"of epoch 1 \(optimizer steps 1-4\): every label is the ignore index -100"):  # fmt: skip
+        trainer.fit(batches)
+
+
+def test_ragged_and_lying_datasets_are_one_line_naming_the_sample():
+    x, y = toy_data(80)
+
+    class Ragged(Rows):
+        def __getitem__(self, index):
+            return (torch.randn(13) if index == 7 else self.x[index]), self.y[index]
+
+    class Lying(Rows):
+        def __len__(self):
+            return 100
+
+    with pytest.raises(DataError, match=r"^training sample 7 is tuple\(Tensor\[13\], Tensor\[\]\) but sample 0 "
+                                         r"is tuple\(Tensor\[12\], Tensor\[\]\): every sample needs the same"):  # fmt: skip
+        Trainer(toy_model(), plain_config(batch_size=16)).fit(Ragged(x, y))
+    with pytest.raises(DataError, match=r"^training sample 99 cannot be read \(index 99 is out of bounds .*\) although "
+                                         r"its __len__ says 100: make __len__ return the number of samples"):  # fmt: skip
+        Trainer(toy_model(), plain_config(batch_size=16)).fit(Lying(x, y))
+
+
+def test_a_ragged_sample_after_the_checked_ones_names_the_step():
+    x, y = toy_data(160)
+
+    class LateRagged(Rows):
+        def __getitem__(self, index):
+            return (torch.randn(13) if index == 150 else self.x[index]), self.y[index]
+
+    with pytest.raises(DataError, match=r"^the training batch of optimizer step \d+ \(epoch 1\): sample \d+ of the batch is "):
+        Trainer(toy_model(), plain_config(batch_size=16)).fit(LateRagged(x, y))
+
+
+def test_float64_features_are_refused_for_a_float32_model_and_train_a_float64_one():
+    x, y = toy_data(80)
+    data = torch.utils.data.TensorDataset(x.double(), y)
+    with pytest.raises(DataError, match=r"^training samples 0-79: its features are float64 but the model's parameters are "
+                                         r"float32: return float32 tensors \(x.float\(\)\), or build the model in float64"):  # fmt: skip
+        Trainer(toy_model(), plain_config(batch_size=16)).fit(data)
+    history = Trainer(toy_model().double(), plain_config(batch_size=16)).fit(data)
+    assert math.isfinite(history[-1]["train_loss"])
+
+
+def test_the_checks_leave_the_runs_random_streams_alone():
+    """Reading samples with augmentation before training must not change what the run trains on."""
+    x, y = toy_data(80)
+
+    class Augmenting(Rows):
+        def __getitem__(self, index):
+            return self.x[index] + 0.1 * torch.randn(12), self.y[index]
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    tasks.check_data(tasks.build_task("classification"), Augmenting(x, y), "training")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# --------------------------------------------------------- NaN validation metrics (W-2)
+def nan_validation(n: int = 32) -> DeviceBatches:
+    vx, vy = toy_data(n, seed=1)
+    vx[3, 2] = float("nan")
+    return DeviceBatches(vx, vy, 16, shuffle=False)
+
+
+def test_a_nan_validation_metric_is_a_warning_and_never_the_best(caplog):
+    x, y = toy_data(80)
+    trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=2))
+    with caplog.at_level("WARNING", logger="trainkit"):
+        history = trainer.fit(DeviceBatches(x, y, 16), nan_validation())
+    assert all(math.isnan(row["val_loss"]) for row in history)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.split(":")[0] for w in warnings] == ["validation after epoch 1 gave val_loss nan", "validation after epoch 2 gave val_loss nan"]
+    assert trainer.best_epoch is None and trainer.best_metric is None
+
+
+def test_the_plateau_schedule_is_not_fed_nan(caplog):
+    """J2: ReduceLROnPlateau took NaN as "no improvement" and cut the lr every epoch."""
+    x, y = toy_data(80)
+    config = plain_config(batch_size=16, epochs=3, schedule="plateau", plateau_patience=0, lr=0.05)
+    with caplog.at_level("WARNING", logger="trainkit"):
+        history = Trainer(toy_model(), config).fit(DeviceBatches(x, y, 16), nan_validation())
+    assert [row["lr"] for row in history] == [0.05, 0.05, 0.05]
+    assert "the plateau schedule skips it" in caplog.text
+
+
+def test_plateau_schedule_skips_non_finite_metrics():
+    from trainkit.schedules import ScheduleSpec, build_scheduler
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = build_scheduler(ScheduleSpec("plateau", plateau_patience=0, plateau_factor=0.5), optimizer, total_steps=10)
+    for value in (1.0, float("nan"), float("inf"), 0.5):
+        schedule.step_metric(value)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    schedule.step_metric(0.9)
+    assert optimizer.param_groups[0]["lr"] == 0.5

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,10 +40,13 @@ def study_of(folder: Path):
     return optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'study.db'}")
 
 
+def tune_argv(folder: Path, space: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainkit", "tune", *BASE_FLAGS, "--space", str(space), "--out", str(folder), *extra]
+
+
 def tune_command(folder: Path, space: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "trainkit", "tune", *BASE_FLAGS, "--space", str(space), "--out",
-                           str(folder), *extra], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=300)  # fmt: skip
+    return subprocess.run(tune_argv(folder, space, *extra), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)  # fmt: skip
 
 
 def summary_of(run: Path) -> dict:
@@ -296,12 +300,15 @@ def test_space_tables_become_optuna_distributions():
     assert dimensions[3].value("[512, 256]") == [512, 256]  # a list choice comes back as the list
 
 
-def test_without_optuna_tune_says_how_to_install_it(monkeypatch, capsys):
+@pytest.mark.parametrize("missing", ["optuna", "tomli_w"])
+def test_without_a_module_of_the_tune_extra_tune_names_it_and_the_extra(monkeypatch, capsys, missing):
+    """Either of the extra's modules missing: the line names that module, not always Optuna."""
     from trainkit.cli import main
 
-    monkeypatch.setitem(sys.modules, "optuna", None)
+    monkeypatch.setitem(sys.modules, missing, None)
     assert main(["tune", "--space", "s.toml", "--trials", "1", "--out", "x"]) == 2
-    assert capsys.readouterr().err.strip() == "trainkit tune: error: trainkit tune needs Optuna: pip install 'trainkit[tune]'"
+    assert capsys.readouterr().err.strip() == (f"trainkit tune: error: trainkit tune needs the Python module {missing} "
+                                               f"(not installed): pip install 'trainkit[tune]'")  # fmt: skip
 
 
 def test_a_config_file_turns_clipping_off_with_zero_as_the_flag_does(tmp_path):
@@ -339,3 +346,152 @@ def wait_for(condition, process: subprocess.Popen | None = None, timeout: float 
             raise AssertionError(f"the tuner ended early: {process.stderr.read()}")
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def test_a_damaged_study_db_is_one_line_naming_the_storage_and_the_fix(tmp_path, capsys):
+    """C8: a study.db truncated to 5 kB is refused in one line, not a sqlalchemy traceback."""
+    from trainkit.cli import main
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    storage = f"sqlite:///{(folder / 'study.db').resolve()}"
+    optuna.create_study(storage=storage, study_name="study").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    os.truncate(folder / "study.db", 5000)
+    (tmp_path / "space.toml").write_text(SPACE)
+    assert main(["tune", *BASE_FLAGS, "--space", str(tmp_path / "space.toml"), "--trials", "1", "--out", str(folder)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"trainkit tune: error: cannot open the study storage {storage}: (sqlite3.DatabaseError) ")
+    assert error.endswith("; the file is damaged: restore it from a backup, or move it away to start a new study")
+    assert "\n" not in error and not (folder / "tune.json").exists()
+
+
+def study_owner(trial) -> dict:
+    return trial.user_attrs["owner"]
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): state T in /proc/PID/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def test_a_tuner_from_another_folder_is_refused_and_the_owners_trials_are_untouched(tmp_path):
+    """B-5 (C9): A freezes inside trial 0; B, on the same storage and study from another --out with
+    other base settings, is refused in one line before it touches a trial; A, continued, finishes
+    both trials with its own settings."""
+    import signal
+
+    from trainkit.rundir import is_locked
+
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE)
+    shared = ("--storage", f"sqlite:///{tmp_path / 'shared.db'}", "--study-name", "s", "--trials", "2", "--patience", "0",
+              "--hidden", "8")  # fmt: skip
+    folder_a, folder_b = tmp_path / "tuneA", tmp_path / "tuneB"
+    stopped = {**os.environ, "TRAINKIT_KILL_AT": "step:5", "TRAINKIT_KILL_SIGNAL": "STOP"}
+    tuner_a = subprocess.Popen(tune_argv(folder_a, space, *shared, "--epochs", "2"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=stopped)  # fmt: skip
+    try:
+        wait_for(lambda: is_stopped(tuner_a.pid), tuner_a)
+        assert is_locked(folder_a / "trials" / "0000")
+        tuner_b = tune_command(folder_b, space, *shared, "--epochs", "1")
+        assert tuner_b.returncode == 2, tuner_b.stderr
+        assert tuner_b.stderr.strip() == (
+            f"trainkit tune: error: study 's' in sqlite:///{tmp_path / 'shared.db'} belongs to the tuner in "
+            f"{folder_a.resolve()} (its trials and checkpoints live there); run it with --out {folder_a.resolve()}, "
+            f"or give this one another --study-name")  # fmt: skip
+        (trial,) = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'shared.db'}").get_trials()
+        assert trial.state.name == "RUNNING" and study_owner(trial)["pid"] == tuner_a.pid
+        assert study_owner(trial)["folder"] == str(folder_a.resolve())
+        assert not (folder_b / "trials").exists() and not (folder_b / "tune.json").exists()
+    finally:
+        tuner_a.send_signal(signal.SIGCONT)
+        _, errors = tuner_a.communicate(timeout=300)
+    assert tuner_a.returncode == 0, errors
+    trials = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'shared.db'}").get_trials()
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    for trial in trials:  # trained by A, with A's two epochs
+        assert summary_of(folder_a / "trials" / f"{trial.number:04d}")["epochs_run"] == 2
+        assert trial.value == summary_of(folder_a / "trials" / f"{trial.number:04d}")["best_val_metric"]
+
+
+def test_the_same_settings_from_another_folder_are_refused_too(tmp_path):
+    """In-process, one after the other: the study's folder is recorded in the storage, so another
+    --out is refused even with identical settings, and the study keeps its one trial."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    space = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    tune({**BASE, "epochs": 1}, space, trials=1, out=tmp_path / "a", storage=storage, study_name="s")
+    before = optuna.load_study(study_name="s", storage=storage).get_trials()
+    owner = re.escape(str((tmp_path / "a").resolve()))
+    with pytest.raises(ConfigError, match=rf"^study 's' in {re.escape(storage)} belongs to the tuner in {owner} "):
+        tune({**BASE, "epochs": 1}, space, trials=2, out=tmp_path / "b", storage=storage, study_name="s")
+    after = optuna.load_study(study_name="s", storage=storage).get_trials()
+    assert [(t.number, t.state.name, t.value, t.datetime_complete) for t in after] == [
+        (t.number, t.state.name, t.value, t.datetime_complete) for t in before]  # fmt: skip
+    assert len(after) == 1 and not (tmp_path / "b" / "trials").exists()
+
+
+def test_the_storage_refuses_other_settings_when_the_folder_lost_its_record(tmp_path):
+    """The study's settings live in the storage: deleting tune.json does not let other settings in."""
+    folder = tmp_path / "study"
+    space = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    tune({**BASE, "epochs": 1}, space, trials=1, out=folder)
+    (folder / "tune.json").unlink()
+    with pytest.raises(ConfigError, match=r"^study 'study' in sqlite:///.* was started with other settings "
+                                          r"\(base: epochs: 1 -> 2\); repeat its --config/--space/flags"):  # fmt: skip
+        tune({**BASE, "epochs": 2}, space, trials=2, out=folder)
+    assert len(study_of(folder).get_trials()) == 1 and not (folder / "tune.json").exists()
+
+
+def test_a_study_an_older_trainkit_started_is_adopted_by_its_own_folder_only(tmp_path, monkeypatch):
+    """A study without the storage record (an older trainkit): another folder is refused; its own
+    folder, whose tune.json agrees, records the study's settings and folder and continues it."""
+    from trainkit.tune import study as study_module
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    space = {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    with monkeypatch.context() as older:
+        older.setattr(study_module, "record_in_storage", lambda spec, study: None)
+        older.setattr(study_module, "check_study_owner", lambda spec, study: None)
+        tune({**BASE, "epochs": 1}, space, trials=1, out=tmp_path / "a", storage=storage, study_name="s")
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs == {}
+    with pytest.raises(ConfigError, match=r"^study 's' in .* holds 1 trial that no tune.json in .*b describes"):
+        tune({**BASE, "epochs": 1}, space, trials=2, out=tmp_path / "b", storage=storage, study_name="s")
+    outcome = tune({**BASE, "epochs": 1}, space, trials=2, out=tmp_path / "a", storage=storage, study_name="s")
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert study.user_attrs["trainkit_study"]["folder"] == str((tmp_path / "a").resolve())
+    assert study.user_attrs["trainkit_study"]["settings"]["base"]["epochs"] == 1
+    assert outcome["trials"]["complete"] == 2 and not (tmp_path / "b" / "trials").exists()
+
+
+def test_a_running_trial_is_reclaimed_only_when_its_owner_is_provably_gone(tmp_path):
+    """Claiming in folder F: a RUNNING trial of another folder, whose owner lives, is left alone
+    (F's own trial folder for that number is unlocked); one of F whose process died on this host
+    is resumed under its number and now names this process as its owner."""
+    import socket
+
+    from trainkit.tune.study import TuneSpec, claim_trial, open_study, prepare_spec, record_study
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    spec = prepare_spec(TuneSpec(base={**BASE, "epochs": 1}, space={"lr": {"low": 1e-3, "high": 1e-2}}, trials=2,
+                                 out=str(folder)))  # fmt: skip
+    study = open_study(spec)
+    record_study(spec, study)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owners = [{"folder": str(tmp_path / "elsewhere"), "host": socket.gethostname(), "pid": alive.pid},
+                  {"folder": str(folder.resolve()), "host": socket.gethostname(), "pid": int(dead.stdout)}]  # fmt: skip
+        for owner in owners:
+            study.ask({"lr": optuna.distributions.FloatDistribution(1e-3, 1e-2)}).set_user_attr("owner", owner)
+        claim = claim_trial(spec, study)
+        assert claim is not None and claim.number == 1 and claim.resumed
+        assert claim_trial(spec, study) is None  # trial 0 is still its live owner's; the study is full
+        trials = study.get_trials()
+        assert study_owner(trials[0]) == owners[0]
+        assert study_owner(trials[1]) == {"folder": str(folder.resolve()), "host": socket.gethostname(),
+                                          "pid": os.getpid()}  # fmt: skip
+    finally:
+        alive.kill()
+        alive.wait()

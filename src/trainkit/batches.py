@@ -54,6 +54,7 @@ Sharding across data-parallel ranks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -66,7 +67,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, default_collate
 
-from trainkit.errors import CheckpointError, ConfigError
+from trainkit.errors import CheckpointError, ConfigError, DataError, first_line
 
 try:  # numpy's global RNG is seeded/restored around batch fetches when numpy is there
     import numpy as _np
@@ -439,7 +440,7 @@ class DatasetBatches:
         self.num_samples = int(num_samples)
         self.batch_size = batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.collate_fn = default_collate if collate_fn is None else collate_fn
+        self.collate_fn = collate_samples if collate_fn is None else collate_fn
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.rank, self.world_size, self.lockstep = rank, world_size, lockstep
         self._fetch = _SeededFetch(dataset)
@@ -701,6 +702,96 @@ ACCEPTED_DATA = (
 
 # iterable, but not data to train on: characters, rows of a tensor, keys of a dict
 _NOT_BATCHES: tuple[type, ...] = (str, bytes, bytearray, Tensor, Mapping)
+
+
+# ------------------------------------------------------- samples checked before training
+CHECKED_SAMPLES = 64  # samples from the start of a map-style dataset checked before training (and its last)
+
+
+def describe(sample: Any) -> str:
+    """A sample's structure in a few words: 'tuple(Tensor[8], int)'."""
+    if isinstance(sample, Tensor):
+        return f"Tensor[{', '.join(map(str, sample.shape))}]"
+    if isinstance(sample, (tuple, list)):
+        return f"{type(sample).__name__}({', '.join(describe(item) for item in sample)})"
+    if isinstance(sample, dict):
+        return "dict(" + ", ".join(f"{key}: {describe(value)}" for key, value in sample.items()) + ")"
+    return type(sample).__name__
+
+
+def mismatch(samples: Sequence[Any], name: Callable[[int], str]) -> str | None:
+    """Which sample differs in structure or shapes from the first one, and the fix; None if none does."""
+    shapes = [describe(sample) for sample in samples]
+    odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+    if odd is None:
+        return None
+    return (f"{name(odd)} is {shapes[odd]} but {name(0)} is {shapes[0]}: every sample needs the same structure "
+            f"and shapes (pad them, or pass a DataLoader with your own collate_fn)")  # fmt: skip
+
+
+def collate_samples(samples: list[Any]) -> Any:
+    """default_collate; samples that cannot be stacked are one DataError naming the odd one out
+    (torch's collate error says neither which sample nor what to do)."""
+    try:
+        return default_collate(samples)
+    except (RuntimeError, TypeError) as exc:
+        problem = mismatch(samples, lambda i: f"sample {i} of the batch")
+        raise DataError(problem or f"its samples cannot be batched ({first_line(exc)})") from None
+
+
+@contextlib.contextmanager
+def rngs_restored() -> Iterator[None]:
+    """Reading samples outside the loop (augmentation draws from the global RNGs) leaves the
+    run's random streams as they were, so a check does not change what the run trains on."""
+    states = (torch.get_rng_state(), random.getstate(), None if _np is None else _np.random.get_state())
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        random.setstate(states[1])
+        if _np is not None:
+            _np.random.set_state(states[2])
+
+
+def checked_rows(data: Any, what: str, count: int = CHECKED_SAMPLES) -> tuple[Sequence[int], Any] | None:
+    """(dataset indices, their batch) for the checks before training, or None when the data
+    cannot be read without being consumed (a DataLoader, an iterable). ``what`` starts messages.
+
+    Tensors in memory (DeviceBatches, ``TensorDataset(x, y)``) are checked whole: it is one
+    vectorised pass. A map-style dataset gives its first ``count`` samples and its last: a
+    ``__len__`` larger than the data fails there, as one line instead of mid-epoch.
+    """
+    collate = collate_samples
+    if isinstance(data, DatasetBatches):
+        data, collate = data.dataset, data.collate_fn
+    if isinstance(data, DeviceBatches):
+        return range(data.num_samples), (data.x, data.y)
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        return range(len(data)), tuple(data.tensors)
+    if _is_epoch_batches(data) or not _is_map_style(data) or not len(data):
+        return None
+    size = len(data)
+    indices = sorted(set(range(min(size, count))) | {size - 1})
+    with rngs_restored():
+        samples = [read_sample(data, index, size, what) for index in indices]
+    problem = mismatch(samples, lambda i: f"sample {indices[i]}") if collate is collate_samples else None
+    if problem is not None:
+        raise DataError(f"{what} {problem}")
+    try:
+        return indices, collate(samples)
+    except DataError as exc:
+        raise DataError(f"{what} samples: {exc}") from None
+
+
+def read_sample(dataset: Any, index: int, size: int, what: str) -> Any:
+    """``dataset[index]``; an IndexError there means ``__len__`` promises more samples than exist."""
+    try:
+        return dataset[index]
+    except IndexError as exc:
+        raise DataError(
+            f"{what} sample {index} cannot be read ({first_line(exc)}) although its __len__ says {size}: make "
+            f"__len__ return the number of samples"
+        ) from None
 
 
 def _is_epoch_batches(data: Any) -> bool:

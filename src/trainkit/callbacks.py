@@ -146,6 +146,12 @@ class EarlyStopping(Callback):
     ``start_from_epoch`` epochs are not monitored at all (a warmup phase cannot stop a run).
     ``mode="auto"`` reads the direction from the metric's name. Decides at ``on_validation_end``,
     so with ``--val-every-steps`` patience counts validations.
+
+    A NaN/inf value counts towards patience like a validation without improvement (a run whose
+    validation gives NaN should not use up its whole budget), but it never becomes the best: its
+    weights are never kept or restored, ``best_epoch`` stays None until a finite value, and the
+    stop reason says how many were non-finite (Keras keeps the first epoch's weights whatever
+    its value, which reported a NaN epoch as the best).
     """
 
     def __init__(
@@ -176,6 +182,7 @@ class EarlyStopping(Callback):
         self.best: float = math.inf if self.mode == "min" else -math.inf
         self.best_epoch: int | None = None
         self.wait = 0
+        self.nonfinite = 0  # of the validations counted in ``wait``, those whose value was NaN/inf
         self.best_weights: dict[str, torch.Tensor] | None = None
 
     @property
@@ -192,21 +199,24 @@ class EarlyStopping(Callback):
             )
         value = state.metrics[self.monitor]
         measured = state.eval_model if state.eval_model is not None else state.model  # the weights behind `value`
-        if self.restore_best_weights and self.best_weights is None:
-            self.best_weights, self.best_epoch = clone_state_dict(measured), state.epoch
         self.wait += 1
         if is_improvement(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch = value, state.epoch
             if self.restore_best_weights:
                 self.best_weights = clone_state_dict(measured)
             if self.baseline is None or is_improvement(value, self.baseline, self.mode, self.min_delta):
-                self.wait = 0
+                self.wait = self.nonfinite = 0
             return
+        self.nonfinite += not math.isfinite(value)
         if self.wait >= self.patience:
-            state.request_stop(
-                f"early stopping: {self.monitor} has not improved for {self.wait} validations "
-                f"(best {self.best:.6g} at epoch {self.best_epoch})"
-            )
+            state.request_stop(self.stop_reason())
+
+    def stop_reason(self) -> str:
+        """Why training stops; never names a best epoch that was not validated to a finite value."""
+        nonfinite = f", {self.nonfinite} of them non-finite" if self.nonfinite else ""
+        best = (f"best {self.best:.6g} at epoch {self.best_epoch}" if self.best_epoch is not None
+                else f"no validation gave a finite {self.monitor}")  # fmt: skip
+        return f"early stopping: {self.monitor} has not improved for {self.wait} validations{nonfinite} ({best})"
 
     def on_fit_end(self, state: TrainState) -> None:
         """The best validation's weights (the EMA's under --ema) become the model's."""
@@ -218,6 +228,7 @@ class EarlyStopping(Callback):
             "best": self.best,
             "best_epoch": self.best_epoch,
             "wait": self.wait,
+            "nonfinite": self.nonfinite,
             "best_weights": self.best_weights,
         }
 
@@ -225,6 +236,7 @@ class EarlyStopping(Callback):
         self.best = state["best"]
         self.best_epoch = state["best_epoch"]
         self.wait = state["wait"]
+        self.nonfinite = state.get("nonfinite", 0)  # absent from checkpoints written before it was counted
         self.best_weights = state["best_weights"]
 
 

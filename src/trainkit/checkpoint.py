@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from trainkit.devices import HOST
-from trainkit.errors import CheckpointError, first_line
+from trainkit.errors import CheckpointCorrupt, CheckpointError, first_line
 from trainkit.distributed import is_main
 from trainkit.faults import crash_point
 from trainkit.fsdp import holds_dtensors
 from trainkit.rundir import fsync_directory, is_disk_full, remove_stale_temp_files, temp_path
 from trainkit.sharded_checkpoint import SUFFIX as SHARDED_SUFFIX
-from trainkit.sharded_checkpoint import folder_problem, is_sharded_checkpoint, load_sharded, remove_folder, save_sharded
+from trainkit.sharded_checkpoint import check_folder, is_sharded_checkpoint, load_sharded, remove_folder, save_sharded
 
 log = logging.getLogger("trainkit")
 
@@ -86,25 +86,44 @@ def encode(payload: dict[str, Any]) -> bytes:
 def verified_body(path: Path, data: bytes) -> bytes:
     """The torch.save bytes of a checkpoint file, after checking its sha256 trailer."""
     if not data:
-        raise CheckpointError(f"checkpoint {path} is empty")
+        raise CheckpointCorrupt(f"checkpoint {path} is empty")
     trailer = data[-TRAILER_SIZE:]
     if len(data) <= TRAILER_SIZE or not trailer.startswith(TRAILER_MAGIC) or not trailer.endswith(b"\n"):
-        raise CheckpointError(f"checkpoint {path} has no integrity trailer: truncated, or not written by trainkit")
+        raise CheckpointCorrupt(f"checkpoint {path} has no integrity trailer: truncated, or not written by trainkit")
     body, expected = data[:-TRAILER_SIZE], trailer[len(TRAILER_MAGIC) : -1].decode("ascii", "replace")
     if hashlib.sha256(body).hexdigest() != expected:
-        raise CheckpointError(f"checkpoint {path} fails its sha256 check: corrupted or edited")
+        raise CheckpointCorrupt(f"checkpoint {path} fails its sha256 check: corrupted or edited")
     return body
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
-    """None if the file (or sharded folder) verifies, else the reason it does not."""
-    if is_sharded_checkpoint(Path(path)):
-        return folder_problem(Path(path))
+    """None if the file (or sharded folder) verifies, else the reason it does not (damage or a read error)."""
     try:
-        verified_body(Path(path), read_checkpoint_bytes(Path(path)))
+        check_integrity(Path(path))
     except CheckpointError as exc:
         return str(exc)
     return None
+
+
+def damage_of(path: str | Path) -> str | None:
+    """Why the file (or sharded folder) fails its own integrity check, or None: None too when it
+    cannot be read right now (a read error says nothing about the bytes, so nothing is set aside)."""
+    try:
+        check_integrity(Path(path))
+    except CheckpointCorrupt as exc:
+        return str(exc)
+    except CheckpointError:
+        return None
+    return None
+
+
+def check_integrity(path: Path) -> None:
+    """CheckpointCorrupt when the bytes fail their sha256 (or a folder its manifest), CheckpointError
+    when they cannot be read."""
+    if is_sharded_checkpoint(path):
+        check_folder(path)
+    else:
+        verified_body(path, read_checkpoint_bytes(path))
 
 
 def require_checkpoint_file(path: Path) -> None:
@@ -123,7 +142,9 @@ def read_checkpoint_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except MemoryError:
+        raise CheckpointError(f"not enough memory to read checkpoint {path}") from None
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
@@ -168,14 +189,16 @@ def load_checkpoint(path: str | Path, *, weights: bool = True) -> dict[str, Any]
     try:
         payload = torch.load(io.BytesIO(body), map_location=HOST, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
+        raise CheckpointCorrupt(
             f"checkpoint {path} holds objects trainkit does not store (refused by safe loading): {_unpickler_reason(exc)}"
         ) from None
+    except (MemoryError, torch.OutOfMemoryError, OSError) as exc:  # may pass: says nothing about the file
+        raise CheckpointError(f"cannot load checkpoint {path} now: {first_line(exc) if str(exc) else 'out of memory'}") from None
     except Exception as exc:  # torch's readers raise RuntimeError, KeyError, EOFError, ... on foreign bytes
-        raise CheckpointError(f"checkpoint {path} is not a readable torch file: {first_line(exc)}") from None
+        raise CheckpointCorrupt(f"checkpoint {path} is not a readable torch file: {first_line(exc)}") from None
     problem = payload_problem(payload)
     if problem is not None:
-        raise CheckpointError(f"{path} is not a complete trainkit checkpoint: {problem}")
+        raise CheckpointCorrupt(f"{path} is not a complete trainkit checkpoint: {problem}")
     return payload
 
 
@@ -278,7 +301,7 @@ class CheckpointDir:
 
     def remove_temp_files(self) -> list[Path]:
         """Delete temporary files that crashed saves left behind (never those of a live writer)."""
-        return remove_stale_temp_files(self.directory)
+        return remove_stale_temp_files(self.directory, folders=True)  # sharded checkpoints' temp folders too
 
     def newest_valid(
         self,
@@ -286,13 +309,17 @@ class CheckpointDir:
         check: Callable[[dict[str, Any]], None] | None = None,
         include_best: bool = False,
         set_aside: bool = True,
+        strict: bool = False,
         weights: bool = True,
     ) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that verifies, loads and passes ``check`` (which raises CheckpointError).
 
-        Each one that fails is named with the reason and, with ``set_aside``, renamed
-        ``NAME.corrupt``. ``include_best``: when no epoch or step checkpoint is usable, a usable
-        best checkpoint (always an epoch-end save) is the last resort. ``weights``: see load_checkpoint.
+        A file that fails its own integrity check (CheckpointCorrupt) is named with the reason and,
+        with ``set_aside``, renamed ``NAME.corrupt``; resume falls back past it. Any other problem
+        (a read error that may pass, weights that do not fit the model) is about the run, not the
+        file: ``strict`` (resume) refuses with it and changes nothing, else the file is skipped.
+        ``include_best``: when no epoch or step checkpoint is usable, a usable best checkpoint
+        (always an epoch-end save) is the last resort. ``weights``: see load_checkpoint.
         """
         candidates = [name.path for name in reversed(self.checkpoints())]
         if include_best and self.best_path.exists():
@@ -302,15 +329,28 @@ class CheckpointDir:
                 payload = load_checkpoint(path, weights=weights)
                 if check is not None:
                     check(payload)
-            except CheckpointError as exc:
+            except CheckpointCorrupt as exc:
                 kept = self.set_aside(path) if set_aside else "left it in place"
                 log.warning("skipping %s: %s; %s and falling back to an older checkpoint", path.name, exc, kept)
+                continue
+            except CheckpointError as exc:
+                if strict:
+                    raise CheckpointError(
+                        f"cannot resume from {path}: {exc}. It was not renamed or deleted, nor was any other file: "
+                        f"fix this (restore the model's code or settings, the file's permissions, free memory) and "
+                        f"run the same command again"
+                    ) from None
+                log.warning("skipping %s: %s", path.name, exc)
                 continue
             if path == self.best_path:
                 log.warning("no epoch or step checkpoint in %s is usable; using %s (end of epoch %d)",
                             self.directory, path.name, payload["epoch"])  # fmt: skip
             return path, payload
         return None
+
+    def set_aside_files(self) -> list[Path]:
+        """Files resume renamed ``*.corrupt`` earlier."""
+        return sorted(self.directory.glob(f"*{SET_ASIDE_SUFFIX}")) if self.directory.is_dir() else []
 
     def set_aside(self, path: Path) -> str:
         """Rename an unusable file ``NAME.corrupt``: out of resume's and retention's way, kept for a look.

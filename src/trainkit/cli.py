@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from trainkit import __version__
 from trainkit.config import (
@@ -45,11 +45,16 @@ from trainkit.text.tokenizers import TOKENIZERS
 from trainkit.tta import TTA_MODES
 from trainkit.tune import PRUNERS, SAMPLERS
 
+if TYPE_CHECKING:
+    from trainkit.run import Factories
+
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
 EXIT_UNVERIFIED = 1  # trainkit inspect: the checkpoint fails verification
 TEXT_COMPARISONS = ("warmup", "clipping", "transformer_init", "sequence_norm")  # train on --data-file
 COMPARISONS = ("schedules", "init", "norm", "regularization", *TEXT_COMPARISONS)  # modules of trainkit.experiments
+TRUST_HELP = ("import the MODULE:FUNCTION factories named inside the checkpoint or run folder: they are code, and "
+              "never run unless you name them yourself or pass this (docs/reliability.md, 'What is safe to load')")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -104,6 +109,7 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     if resumable:
         add("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
         add("--force-resume", action="store_true", help="resume even if settings or data differ from the checkpoint's")
+        add("--trust-factories", action="store_true", help=TRUST_HELP)
     group = parser.add_argument_group("settings (defaults: the production MNIST recipe)")
     flag = lambda name, **kw: group.add_argument(name, default=argparse.SUPPRESS, **kw)  # noqa: E731
     flag("--dataset", help="mnist, fashion-mnist, synthetic, text (with --data-file), or MODULE:FUNCTION returning "
@@ -222,6 +228,22 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     flag("--mlflow-experiment", help="mlflow experiment name (default trainkit)")
 
 
+def add_factory_flags(parser: argparse.ArgumentParser) -> None:
+    """For a command that rebuilds a model from a checkpoint: the factories the user names themselves."""
+    parser.add_argument("--model", default=None, metavar="MODULE:FUNCTION",
+                        help="your model factory, for a checkpoint of a run that used one")
+    parser.add_argument("--dataset", default=None, metavar="MODULE:FUNCTION",
+                        help="your dataset factory, for a checkpoint of a run that used one")
+    parser.add_argument("--trust-factories", action="store_true", help=TRUST_HELP)
+
+
+def factories_of(args: argparse.Namespace) -> Factories:
+    """What the user named (or trusts) for a command that rebuilds a model from a checkpoint."""
+    from trainkit.run import Factories
+
+    return Factories(model=args.model, dataset=args.dataset, trust=args.trust_factories)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="trainkit", description="Train deep networks reliably and fast on PyTorch.")
     parser.add_argument("--version", action="version", version=f"trainkit {__version__}")
@@ -231,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--device", default="auto")
+    add_factory_flags(evaluate)
     sample = commands.add_parser("generate", help="sample text from a language model's checkpoint or run folder")
     sample.add_argument("checkpoint", help="a checkpoint (.pt) of a --dataset text run, or its run folder")
     sample.add_argument("--prompt", default="\n", help="text to continue (default a newline)")
@@ -239,12 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only (default all)")
     sample.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
     sample.add_argument("--device", default="auto")
+    add_factory_flags(sample)
     exporter = commands.add_parser("export", help="a checkpoint's model as safetensors, torch.export or ONNX, verified")
     exporter.add_argument("checkpoint")
     exporter.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors",
                           help="safetensors (weights), torch-export (.pt2 program) or onnx (default safetensors)")
     exporter.add_argument("--out", default=None, help="the file to write (default: the checkpoint's path, new suffix)")
+    exporter.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never a run's own file)")
     exporter.add_argument("--data-dir", default=None, help="where the run's data is, if it moved (its rows verify the export)")
+    add_factory_flags(exporter)
     inspect = commands.add_parser("inspect", help="verify a checkpoint and show what it holds")
     inspect.add_argument("checkpoint")
     profiler = commands.add_parser("profile", help="profile training steps: time per phase, top operators, trace")
@@ -289,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="one self-contained HTML page of runs and comparisons")
     report.add_argument("folders", nargs="+", help="run folders, folders of runs, or `trainkit compare` folders")
     report.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
+    report.add_argument("--overwrite", action="store_true",
+                        help="replace --out even when it is not an earlier trainkit report (never a run's own file)")
     return parser
 
 
@@ -328,6 +356,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from trainkit.factories import require_named_factories
     from trainkit.run import resume_config, train_run
 
     with graceful_stop() as guard:  # from the first moment: a SIGTERM in start-up is a clean stop too
@@ -336,7 +365,10 @@ def run_train(args: argparse.Namespace) -> int:
         if args.resume:
             if config.out is None:
                 raise TrainkitError("--resume needs --out DIR naming the run to continue")
-            config = resume_config(Path(config.out), flags, force=args.force_resume)
+            named = config.to_dict()  # what this command names itself: its flags and --config file
+            config = resume_config(Path(config.out), flags, force=args.force_resume, given=config)
+            require_named_factories(config.to_dict(), named, trust=args.trust_factories,
+                                    source=str(Path(config.out) / "config.json"))
         summary = train_run(config, resume=args.resume, force_resume=args.force_resume)
     if env_rank() == 0:  # under torchrun every rank returns the same summary; print it once
         print(json.dumps(summary, indent=2))
@@ -346,7 +378,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     from trainkit.run import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device)
+    result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, factories=factories_of(args))
     measured = ", ".join(f"{key.removeprefix('test_')} {value:.4f}" for key, value in result.items()
                          if key.startswith("test_") and key != "test_samples")  # fmt: skip
     print(f"{result['checkpoint']} (epoch {result['epoch']}): {result['split']} {measured} on {result['test_samples']} samples")
@@ -357,14 +389,16 @@ def run_generate(args: argparse.Namespace) -> int:
     from trainkit.run import generate_from_checkpoint
 
     print(generate_from_checkpoint(args.checkpoint, prompt=args.prompt, tokens=args.tokens,
-                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device))  # fmt: skip
+                                   temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
+                                   factories=factories_of(args)))  # fmt: skip
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from trainkit.run import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, format=args.format, out=args.out, data_dir=args.data_dir)
+    result = export_checkpoint(args.checkpoint, format=args.format, out=args.out, data_dir=args.data_dir,
+                               factories=factories_of(args), overwrite=args.overwrite)
     print(f"wrote {result['path']} ({result['format']}; verified on {result['verified_on_rows']} validation rows, "
           f"largest output difference {result['max_abs_difference']:.3g})")  # fmt: skip
     return 0
@@ -417,7 +451,7 @@ def run_runs(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from trainkit.report import write_report
 
-    path = write_report([Path(folder) for folder in args.folders], Path(args.out))
+    path = write_report([Path(folder) for folder in args.folders], Path(args.out), overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
@@ -436,6 +470,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import load_checkpoint, require_checkpoint_file, verify_checkpoint
+    from trainkit.factories import describe_factories, untrusted_factories
     from trainkit.run import saved_settings
     from trainkit.sharded_checkpoint import is_sharded_checkpoint
 
@@ -461,6 +496,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"  last epoch metrics: {json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()})}")
     print(f"  rollbacks {payload['rollbacks']}, versions {payload.get('versions')}")
     print(f"  config: {json.dumps(saved_settings(payload), default=str)}")
+    factories = untrusted_factories(saved_settings(payload), {})
+    if factories:
+        print(f"  {describe_factories(factories)}: not run by evaluate/export/generate unless you name it "
+              f"(--model/--dataset) or pass --trust-factories")
     return 0
 
 

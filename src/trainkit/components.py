@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from trainkit.batches import EpochBatches, as_epoch_batches
+from trainkit.batches import EpochBatches, as_epoch_batches, describe
 from trainkit.config import TrainConfig, is_factory_path
 from trainkit.data import DatasetSplits, DeviceBatches, TensorSplit, load_dataset
 from trainkit.errors import ConfigError
@@ -36,7 +36,7 @@ from trainkit.memory import (
 )  # fmt: skip
 from trainkit.models import build_model, enable_grad_checkpointing
 from trainkit.runtime import tensors_in
-from trainkit.tasks import Task, build_task, named_loss
+from trainkit.tasks import Task, build_task, check_data, named_loss, parameter_dtype
 from trainkit.text.data import RandomWindows, TextData, load_text, validation_batches, window_pairs
 from trainkit.text.models import SEQUENCE_MODELS, build_sequence_model
 from trainkit.precision import autocast_dtype
@@ -251,11 +251,25 @@ def dataset_digest(dataset: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_samples(task: Task, data: RunData) -> None:
-    """A user dataset's first sample must unpack into what the task needs: refused in one line
-    naming the factory, before any training (not as a traceback from inside the first step)."""
-    if not isinstance(data, UserData) or not hasattr(data.train, "__getitem__") or not rows_of(data.train):
+def check_samples(task: Task, data: RunData, model: nn.Module | None = None) -> None:
+    """A user dataset's samples must be what the task trains on: the first sample must unpack,
+    and each split's first samples (its whole tensors for a TensorDataset) must have labels the
+    loss takes, one shape, a readable last sample and, given the ``model``, features of its dtype.
+    Refused in one line naming the factory, before config.json and any training (not as a
+    traceback from inside a step). Train and validation being the same data is a warning."""
+    if not isinstance(data, UserData):
         return
+    if hasattr(data.train, "__getitem__") and rows_of(data.train):
+        check_first_sample(task, data)
+    dtype = None if model is None else parameter_dtype(model)
+    for split, label in (("train", "training"), ("val", "validation"), ("test", "test")):
+        if getattr(data, split) is not None:
+            check_data(task, getattr(data, split), f"--dataset {data.name}: {label}", dtype)
+    warn_if_validating_on_training_data(data)
+
+
+def check_first_sample(task: Task, data: UserData) -> None:
+    """The first training sample unpacks into what the task needs (inputs and a target)."""
     sample = data.train[0]
     try:
         _, targets = task.split(default_collate([sample]))
@@ -269,12 +283,13 @@ def check_samples(task: Task, data: RunData) -> None:
         )
 
 
-def describe(sample: Any) -> str:
-    """A sample's structure in a few words: 'tuple(Tensor[8], int)'."""
-    if isinstance(sample, torch.Tensor):
-        return f"Tensor[{', '.join(map(str, sample.shape))}]"
-    if isinstance(sample, (tuple, list)):
-        return f"{type(sample).__name__}({', '.join(describe(item) for item in sample)})"
-    if isinstance(sample, dict):
-        return "dict(" + ", ".join(f"{key}: {describe(value)}" for key, value in sample.items()) + ")"
-    return type(sample).__name__
+def warn_if_validating_on_training_data(data: UserData) -> None:
+    """A factory that returns its training set as the validation set too: the validation metrics
+    then measure memorisation, and early stopping and the best checkpoint follow them."""
+    if data.val is None:
+        return
+    readable = all(hasattr(split, "__getitem__") and rows_of(split) for split in (data.train, data.val))
+    if data.val is data.train or (readable and dataset_digest(data.val) == dataset_digest(data.train)):
+        log.warning("--dataset %s returned the same data for training and validation (the same length and first "
+                    "and last samples): the validation metrics measure memorisation, not generalisation; return a "
+                    "held-out validation set", data.name)  # fmt: skip

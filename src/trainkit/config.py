@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+import reprlib
 import tomllib
 import types
 from collections.abc import Mapping
@@ -54,6 +56,15 @@ FLAG_NAMES = {"augment_shift": "--augment"}
 OFF_WHEN_ZERO = ("clip_norm", "clip_value")
 # The part of an epoch's optimizer steps that --on-nonfinite skip may drop by default.
 DEFAULT_SKIP_FRACTION = 0.1
+# The optimizer multiplies settings together in the parameters' float32 (lr x weight decay, lr /
+# Adam's bias correction, lr x --lr-scaling's ratio): capping each number at sqrt(float32's max)
+# keeps any product of two of them finite. --lr 3e38 is finite in float32 yet overflows AdamW's step.
+MAX_FLOAT_SETTING = math.sqrt(torch.finfo(torch.float32).max)  # about 1.8e19
+# What a config file may expand to: a few hundred bytes of YAML anchors can name gigabytes.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000  # every table, list and scalar counts
+MAX_CONFIG_DEPTH = 32
+MAX_SHOWN_CHARS = 80  # a value quoted in an error message is cut to this
 
 # What a model trainkit does not know (the user's own) gets: plain loop defaults.
 LOOP_DEFAULTS: dict[str, Any] = {"epochs": 10, "augment_shift": 0, "channels_last": False}
@@ -300,8 +311,17 @@ class TrainConfig:
         for name, choices in (("norm", SEQUENCE_NORMS if sequence else NORMS), ("activation", ACTIVATIONS),
                               ("init", INIT_SCHEMES), ("tokenizer", TOKENIZERS), ("norm_position", NORM_POSITIONS)):  # fmt: skip
             _require_choice(name, getattr(self, name), choices)
+        self._validate_factory_args()
         self._validate_text_recipe(sequence)
         check_loggers(self.logger)
+
+    def _validate_factory_args(self) -> None:
+        """dataset_args / model_args go to a MODULE:FUNCTION factory: a built-in would ignore them silently."""
+        for owner in ("dataset", "model"):
+            args, name = getattr(self, f"{owner}_args"), getattr(self, owner)
+            if args and not is_factory_path(name):
+                raise ConfigError(f"--{owner}-arg / {owner}_args ({_shorten(', '.join(args))}) are keyword arguments "
+                                  f"of a MODULE:FUNCTION {owner}; the built-in --{owner} {name} ignores them: drop them")  # fmt: skip
 
     def _validate_text_recipe(self, sequence_model: bool) -> None:
         """Text needs a language model and the next-token task; the sequence models need text."""
@@ -351,9 +371,9 @@ class TrainConfig:
         if self.threads is not None and self.threads > cores:
             raise ConfigError(f"--threads {self.threads} is more than the {cores} CPU cores here; use at most {cores}")
         if not self.hidden or any(h < 1 for h in self.hidden):  # types are checked already
-            raise ConfigError(f"--hidden must be a list of positive layer widths, e.g. 256,128; got {self.hidden}")
+            raise ConfigError(f"--hidden must be a list of positive layer widths, e.g. 256,128; got {short_repr(self.hidden)}")
         if self.channels is not None and (not self.channels or any(c < 1 for c in self.channels)):
-            raise ConfigError(f"--channels must be a list of positive channel counts, e.g. 32,64,128; got {self.channels}")
+            raise ConfigError(f"--channels must be a list of positive channel counts, e.g. 32,64,128; got {short_repr(self.channels)}")
 
     def _validate_schedule(self) -> None:
         """Schedule settings that cannot work over this run, refused in the epochs the user typed."""
@@ -415,7 +435,7 @@ class TrainConfig:
         """--monitor must be a metric the task logs (the Trainer checks against its own task instead)."""
         available = () if loop_only else build_task(self.task, metrics=self.metrics).monitorable(LOOP_MONITORABLE)
         if not loop_only and self.monitor not in available:
-            raise ConfigError(f"--monitor {self.monitor!r} is not a metric of the run; choose one of {', '.join(available)}")
+            raise ConfigError(f"--monitor {short_repr(self.monitor)} is not a metric of the run; choose one of {', '.join(available)}")
         self.resolved_monitor_mode()
         if self.val_size == 0 and self.patience > 0 and self.monitor.startswith("val_"):
             raise ConfigError(
@@ -491,13 +511,13 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config") -> Train
         raise ConfigError(f"{source}: expected a mapping of settings, got {_kind(values)}")
     bad_keys = [key for key in values if not isinstance(key, str)]
     if bad_keys:
-        raise ConfigError(f"{source}: setting names must be strings, got {bad_keys[0]!r}")
+        raise ConfigError(f"{source}: setting names must be strings, got {short_repr(bad_keys[0])}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     normalised = {key.replace("-", "_"): value for key, value in values.items()}
     unknown = sorted(set(normalised) - known)
     if unknown:
         raise ConfigError(
-            f"{source}: unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(known))}"
+            f"{source}: unknown setting(s) {_shorten(', '.join(unknown))}; valid settings: {', '.join(sorted(known))}"
         )
     try:
         check_field_types(normalised)
@@ -510,25 +530,24 @@ def config_from_dict(values: Mapping[str, Any], source: str = "config") -> Train
 
 
 def load_config_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    """Read a TOML, YAML or JSON config file into a plain mapping of settings (``what``: how errors name it)."""
+    """Read a TOML, YAML or JSON config file into a plain mapping of settings (``what``: how errors name it).
+
+    Bounded: at most MAX_CONFIG_BYTES read, MAX_CONFIG_VALUES values nested MAX_CONFIG_DEPTH deep, no YAML
+    anchors, and no key given twice, each refused in one line before any setting is used.
+    """
     path = Path(path)
     if path.suffix not in (".toml", ".yaml", ".yml", ".json"):
         raise ConfigError(f"{what} {path}: use a .toml, .yaml/.yml or .json file")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    text = _read_config_text(path, what)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}); is it the right file?") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    try:
-        if path.suffix == ".toml":
-            values = tomllib.loads(text)
-        elif path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            values = yaml.safe_load(text) or {}
+        values = _parse_config_text(text, path.suffix)
+        _check_config_size(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path}: {_too_deep()}") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{what} {path} is not valid: {exc}") from None
     except yaml.YAMLError as exc:
@@ -536,6 +555,104 @@ def load_config_file(path: str | Path, what: str = "config file") -> dict[str, A
     if not isinstance(values, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of settings, got {type(values).__name__}")
     return values
+
+
+def _read_config_text(path: Path, what: str) -> str:
+    """The file's text, refused past MAX_CONFIG_BYTES (read no further: the file may be huge or growing)."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {exc.start}); is it the right file?") from None
+
+
+def _parse_config_text(text: str, suffix: str) -> Any:
+    if suffix == ".toml":
+        return tomllib.loads(text)  # refuses duplicate keys itself
+    if suffix == ".json":
+        return json.loads(text, object_pairs_hook=_json_object)
+    return yaml.load(text, Loader=ConfigYamlLoader) or {}  # noqa: S506 (a SafeLoader)
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json keeps the last one silently)."""
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ConfigError(_duplicate_key(key))
+        values[key] = value
+    return values
+
+
+def _duplicate_key(key: Any, line: int | None = None) -> str:
+    where = "" if line is None else f" (line {line})"
+    return f"duplicate key {short_repr(key)}{where}: give each setting once (the last one would win silently)"
+
+
+def _check_config_size(values: Any) -> None:
+    """Refuse a structure larger or deeper than any config needs; walked without recursion, stopping early."""
+    pending, count = [(values, 1)], 0
+    while pending:
+        value, depth = pending.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"holds more than {MAX_CONFIG_VALUES} values; a config file needs far fewer")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(_too_deep())
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+
+
+def _too_deep() -> str:
+    return f"nests its values more than {MAX_CONFIG_DEPTH} levels deep"
+
+
+YAML_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class ConfigYamlLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, made fit for config files.
+
+    Refuses anchors and aliases (a 600-byte file of nested aliases expands to gigabytes) and keys given
+    twice (PyYAML keeps the last silently), and reads ``1e-3`` as a number as YAML 1.2 does (PyYAML's
+    YAML 1.1 float needs a dot: ``lr: 1e-3`` would be the string "1e-3").
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML anchors and aliases (&name, *name) are not "
+                              f"supported; write the values out")  # fmt: skip
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self._refuse_duplicate_keys(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == YAML_MERGE_TAG:
+                continue  # a list as a key is refused by SafeLoader itself
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(_duplicate_key(key, key_node.start_mark.line + 1))
+            seen.add(key)
+
+
+# YAML 1.2's floats: PyYAML's YAML 1.1 resolver reads "1e-3" (no dot) as a string. Tried after
+# PyYAML's own int and float resolvers, so what they read as numbers is unchanged.
+ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 # ------------------------------------------------------------------- type checks
@@ -555,7 +672,7 @@ def check_field_types(values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         expected = types_.get(name)
         if expected is not None and not _matches(value, expected):
-            raise ConfigError(f"{flag_name(name)} must be {_describe(expected)}, got {value!r} ({_kind(value)})")
+            raise ConfigError(f"{flag_name(name)} must be {_describe(expected)}, got {short_repr(value)} ({_kind(value)})")
 
 
 def setting_accepts(name: str, value: Any) -> bool:
@@ -614,7 +731,8 @@ def _kind(value: Any) -> str:
 # --------------------------------------------------------------- value checks
 def _require_choice(name: str, value: str, choices: tuple[str, ...], more: str = "") -> None:
     if value not in choices:
-        raise ConfigError(f"{flag_name(name)} must be one of {', '.join(choices)}{' ' + more if more else ''}; got {value!r}")
+        raise ConfigError(f"{flag_name(name)} must be one of {', '.join(choices)}{' ' + more if more else ''}; "
+                          f"got {short_repr(value)}")
 
 
 def is_factory_path(value: str) -> bool:
@@ -624,13 +742,20 @@ def is_factory_path(value: str) -> bool:
 
 
 def _require_positive(name: str, value: float) -> None:
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{flag_name(name)} must be a positive finite number, got {value}")
+    if not 0 < value <= MAX_FLOAT_SETTING:  # NaN fails too
+        raise ConfigError(f"{flag_name(name)} must be a positive finite number, got {value}{_float32_note(value)}")
 
 
 def _require_non_negative(name: str, value: float) -> None:
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{flag_name(name)} must be a finite number >= 0, got {value}")
+    if not 0 <= value <= MAX_FLOAT_SETTING:
+        raise ConfigError(f"{flag_name(name)} must be a finite number >= 0, got {value}{_float32_note(value)}")
+
+
+def _float32_note(value: float) -> str:
+    """Why a finite number beyond MAX_FLOAT_SETTING is refused (it is finite in Python, not in training)."""
+    if math.isfinite(value) and value > MAX_FLOAT_SETTING:
+        return f" (at most {MAX_FLOAT_SETTING:.2g}: training computes with it in float32, where more overflows)"
+    return ""
 
 
 def _require_open_unit_interval(name: str, value: float) -> None:
@@ -650,8 +775,28 @@ def _require_int_at_least(name: str, value: int | None, minimum: int) -> None:
 
 
 def _epochs(values: list[float]) -> str:
-    return ",".join(f"{v:g}" for v in values)
+    return _shorten(",".join(f"{v:g}" for v in values))
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _short_repr_limits() -> reprlib.Repr:
+    """A repr that stops early on huge values (a 100k-item list is not formatted whole only to be cut)."""
+    limits = reprlib.Repr()
+    limits.maxlevel, limits.maxlist, limits.maxtuple, limits.maxdict = 3, 20, 20, 10
+    limits.maxstring = limits.maxother = MAX_SHOWN_CHARS
+    return limits
+
+
+_SHORT_REPR = _short_repr_limits()
+
+
+def short_repr(value: Any) -> str:
+    """The value's repr cut to MAX_SHOWN_CHARS, so an error about ``hidden: <huge list>`` stays one short line."""
+    return _shorten(_SHORT_REPR.repr(value))
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 1] + "…"

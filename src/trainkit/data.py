@@ -4,7 +4,9 @@ Where the data comes from
     ``find_dataset_dir`` looks, in order, in an explicit ``data_dir`` (``--data-dir``), in
     ``$TRAINKIT_DATA_DIR/<name>/`` and in the cache ``default_cache_dir()/<name>/``; only the
     cache is ever downloaded into. An explicit directory that lacks the files is an error
-    rather than a silent download, because the user asked for *that* directory.
+    rather than a silent download, because the user asked for *that* directory. So is a
+    ``$TRAINKIT_DATA_DIR`` that is no folder, holds the files without the ``<name>/`` level, or
+    has an incomplete ``<name>/``; one without ``<name>/`` at all leaves the dataset to the cache.
 
 Checksums
     Downloaded files are verified against the official md5 of each ``.gz``; a mismatch counts
@@ -305,18 +307,17 @@ def find_dataset_dir(
     """Return the folder holding the dataset's four IDX files, downloading into the cache if needed.
 
     Order: explicit ``data_dir`` (error if it lacks the files; never downloads),
-    ``$TRAINKIT_DATA_DIR/<name>``, then ``default_cache_dir()/<name>``. Setting
-    ``TRAINKIT_OFFLINE=1`` forbids downloading (tests and CI use it).
+    ``$TRAINKIT_DATA_DIR/<name>`` (see ``_dataset_dir_in_env``), then ``default_cache_dir()/<name>``.
+    Setting ``TRAINKIT_OFFLINE=1`` forbids downloading (tests and CI use it).
     """
     download = download and os.environ.get("TRAINKIT_OFFLINE", "") not in ("1", "true", "yes")
     spec = _idx_dataset(name)
     if data_dir is not None and str(data_dir) != "":
         return _dataset_dir_in_explicit(spec, Path(data_dir).expanduser())
-    env_dir = os.environ.get("TRAINKIT_DATA_DIR", "")
-    if env_dir:
-        candidate = Path(env_dir).expanduser() / spec.name
-        if not _missing_files(spec, candidate):
-            return candidate
+    env_dir = _env_data_dir()
+    found = None if env_dir is None else _dataset_dir_in_env(spec, env_dir)
+    if found is not None:
+        return found
     cache = default_cache_dir() / spec.name
     if not _missing_files(spec, cache):
         return cache
@@ -324,10 +325,61 @@ def find_dataset_dir(
         raise DataError(
             f"{spec.name} files missing from the cache {cache} "
             f"({', '.join(_missing_files(spec, cache))}) and downloading is disabled. "
-            f"They can be fetched from: {', '.join(spec.mirrors)}. {_placement_hint(spec)}"
+            f"{_env_dir_note(spec, env_dir)}They can be fetched from: {', '.join(spec.mirrors)}. "
+            f"{_placement_hint(spec)}"
         )
-    _download_missing(spec, cache)
+    _download_missing(spec, cache, _env_dir_note(spec, env_dir))
     return cache
+
+
+def _env_data_dir() -> Path | None:
+    """$TRAINKIT_DATA_DIR as a path; None when unset or empty."""
+    value = os.environ.get("TRAINKIT_DATA_DIR", "")
+    return Path(value).expanduser() if value else None
+
+
+def _dataset_dir_in_env(spec: IdxDataset, env_dir: Path) -> Path | None:
+    """``$TRAINKIT_DATA_DIR/<name>`` when it holds the files; None when it has no ``<name>/`` (the cache is next).
+
+    Unlike ``--data-dir``, the files must sit in the ``<name>/`` sub-folder: mnist and fashion-mnist
+    share their file names, so files lying directly in TRAINKIT_DATA_DIR could be either. What is
+    plainly a mistake is an error rather than a fall-back to the cache (or a silent download): a
+    TRAINKIT_DATA_DIR that is no folder, the files one level too high, or a ``<name>/`` lacking some.
+    """
+    folder = env_dir / spec.name
+    where = f"$TRAINKIT_DATA_DIR/{spec.name} ({folder})"
+    if not env_dir.is_dir():
+        state = "a file" if env_dir.exists() else "missing"
+        raise DataError(
+            f"TRAINKIT_DATA_DIR={env_dir} is {state}, not a folder, so {where} cannot hold {spec.name}'s "
+            f"files. Set TRAINKIT_DATA_DIR to the folder holding {spec.name}/, or unset it to use the cache "
+            f"{default_cache_dir() / spec.name}."
+        )
+    missing = _missing_files(spec, folder)
+    if not missing:
+        return folder
+    if not _missing_files(spec, env_dir):
+        raise DataError(f"{where} lacks {spec.name}'s files: {_misplaced_files_fix(spec, env_dir)}")
+    if folder.exists():
+        raise DataError(f"{where} lacks {', '.join(missing)}. Put all four files there, or unset TRAINKIT_DATA_DIR.")
+    return None
+
+
+def _misplaced_files_fix(spec: IdxDataset, env_dir: Path) -> str:
+    """The fix when TRAINKIT_DATA_DIR holds the IDX files itself instead of a ``<name>/`` sub-folder."""
+    if env_dir.name == spec.name:
+        return f"the files are in {env_dir}; set TRAINKIT_DATA_DIR to its parent {env_dir.parent}."
+    return (
+        f"{spec.name}'s file names lie directly in {env_dir}; move the files into {env_dir / spec.name}, "
+        f"or pass --data-dir {env_dir}."
+    )
+
+
+def _env_dir_note(spec: IdxDataset, env_dir: Path | None) -> str:
+    """Where else was looked (a sentence, or nothing): a TRAINKIT_DATA_DIR without the dataset is named."""
+    if env_dir is None:
+        return ""
+    return f"$TRAINKIT_DATA_DIR/{spec.name} ({env_dir / spec.name}) does not exist. "
 
 
 def _dataset_dir_in_explicit(spec: IdxDataset, data_dir: Path) -> Path:
@@ -347,14 +399,14 @@ def _dataset_dir_in_explicit(spec: IdxDataset, data_dir: Path) -> Path:
     )
 
 
-def _download_missing(spec: IdxDataset, cache: Path) -> None:
+def _download_missing(spec: IdxDataset, cache: Path, env_note: str) -> None:
     for file in spec.files:
         if _local_copy(cache, file) is not None:
             continue
         try:
             download_file(spec.urls(file), cache / file.name, file.md5)
         except DataError as exc:
-            raise DataError(f"could not download {spec.name}: {exc} {_placement_hint(spec)}") from None
+            raise DataError(f"could not download {spec.name}: {exc} {env_note}{_placement_hint(spec)}") from None
 
 
 class _ChecksumMismatch(Exception):

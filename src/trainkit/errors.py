@@ -29,6 +29,12 @@ class CheckpointError(TrainkitError):
     """A checkpoint is missing, corrupt or incompatible."""
 
 
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint fails its own integrity check: its bytes are damaged, or it is not a trainkit
+    checkpoint. The only kind of file resume ever sets aside; a file that cannot be read right now
+    (permissions, EIO, out of memory) or does not fit the model is refused and left as it is."""
+
+
 class OutputError(TrainkitError):
     """A result file (exported weights, summary) could not be written: disk full, permissions."""
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from trainkit.checkpoint import model_sha256
@@ -55,11 +55,9 @@ def export_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> None:
     metadata = {"model_sha256": model_sha256({**state, **{key: state[name] for key, name in tied.items()}})}
     if tied:
         metadata["tied"] = json.dumps(tied)
-    with replacing_atomically(path) as tmp:
-        try:
-            save_file(state, str(tmp), metadata=metadata)
-        except SafetensorError as exc:  # how safetensors reports I/O failures such as a full disk
-            raise OSError(None, str(exc)) from exc
+    # the bytes, written by trainkit: safetensors' save_file writes its own .tmpXXXXXX (left behind by a
+    # kill, unknown to the temp clean-up) with mode 0600, unlike every other file of a run
+    write_atomically(path, save(state, metadata=metadata))
 
 
 def load_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:

@@ -6,21 +6,31 @@ The model factory is called with ``model_args`` (a table in the config file, or 
 ``dataset_args`` and returns ``(train, val)`` or ``(train, val, test)`` datasets (anything
 ``trainkit.batches.as_epoch_batches`` accepts; ``val`` may be None). Every way this can go wrong
 is one line naming the factory and what it returned, before any training starts.
+
+A factory is code, so it runs only when the user names it in the command (a flag or the
+``--config`` file). A name read from a checkpoint's stored settings or a run folder's
+``config.json`` is never imported by itself (``require_named_factories``): the user repeats it
+(``--model``, ``--dataset``) or passes ``--trust-factories``, as Hugging Face's
+``trust_remote_code``. The current directory goes on ``sys.path`` only for such a named factory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
+from trainkit.config import is_factory_path
 from trainkit.errors import ConfigError
+
+FACTORY_SETTINGS = ("model", "dataset")  # the settings that may name a MODULE:FUNCTION factory
 
 
 @dataclass
@@ -31,6 +41,43 @@ class UserData:
     train: Any
     val: Any
     test: Any = None
+
+
+def untrusted_factories(settings: Mapping[str, Any], named: Mapping[str, Any]) -> dict[str, str]:
+    """The factories ``settings`` (read from a file the user did not name) would import that the
+    user did not name in this command (``named``: the flags and --config file given)."""
+    return {key: settings[key] for key in FACTORY_SETTINGS
+            if isinstance(settings.get(key), str) and is_factory_path(settings[key]) and named.get(key) != settings[key]}  # fmt: skip
+
+
+def require_named_factories(settings: Mapping[str, Any], named: Mapping[str, Any], *, trust: bool, source: str) -> None:
+    """Refuse to import code named only inside ``source`` (a checkpoint, a run folder's config.json)."""
+    untrusted = untrusted_factories(settings, named)
+    if untrusted and not trust:
+        flags = " ".join(f"--{key} {path}" for key, path in untrusted.items())
+        raise ConfigError(
+            f"{source} {describe_factories(untrusted)}; trainkit never runs code named inside a file by itself: "
+            f"if you trust it, name it yourself ({flags}) or pass --trust-factories"
+        )
+
+
+def describe_factories(factories: Mapping[str, str]) -> str:
+    """'names code to import (model os:system)': how a refusal and `trainkit inspect` name them."""
+    return f"names code to import ({', '.join(f'{key} {path}' for key, path in factories.items())})"
+
+
+def factory_sources(config: Any) -> dict[str, str]:
+    """The sha256 of each imported factory module's source file, by setting: stored in checkpoints,
+    so a factory edited since (same weights' names and shapes, another model) can be named."""
+    digests = {}
+    for key in FACTORY_SETTINGS:
+        path = getattr(config, key, None)
+        module = sys.modules.get(path.partition(":")[0]) if isinstance(path, str) and is_factory_path(path) else None
+        source = getattr(module, "__file__", None)
+        if source and os.path.isfile(source):
+            with open(source, "rb") as handle:
+                digests[key] = hashlib.sha256(handle.read()).hexdigest()
+    return digests
 
 
 def load_factory(path: str, flag: str) -> Callable[..., Any]:

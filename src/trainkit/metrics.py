@@ -433,3 +433,18 @@ class MetricSet:
                 m.load_state_dict(state[name])
             else:
                 m.load_sums(state[name])
+
+
+def finite_or_none(value: Any) -> Any:
+    """A metric value for JSON: NaN and ±inf become None (``null``). JSON has no NaN or Infinity
+    (RFC 8259): Python writes them anyway, and strict parsers (JavaScript's JSON.parse) reject the file."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def json_ready(data: Any) -> Any:
+    """``data`` with every non-finite float, in dicts and lists at any depth, as None."""
+    if isinstance(data, Mapping):
+        return {key: json_ready(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_ready(value) for value in data]
+    return finite_or_none(data)

@@ -4,6 +4,10 @@ Nothing on the page is fetched: the curves are inline SVG (matplotlib), a compar
 are ``data:`` URIs, the styles are inline. It opens from a file, mailed or archived, with no
 network and no server. A DIR is a run folder, a folder of runs (``trainkit runs`` finds them) or
 a comparison folder (``trainkit compare`` output: ``report.md`` and its plots).
+
+``--out`` never destroys anything without ``overwrite``: a run folder's own files (a report
+written over summary.json took the run's test metrics) and existing files other than an earlier
+report are refused.
 """
 
 from __future__ import annotations
@@ -17,33 +21,24 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trainkit.errors import ConfigError, TrainkitError
-from trainkit.plots import agg_figure
-from trainkit.rundir import write_atomically
-from trainkit.runs import RunInfo, differing_settings, find_runs, read_run
+from trainkit.plots import agg_figure, literal, plot_curve
+from trainkit.rundir import run_folder_of, write_atomically
+from trainkit.runs import RunInfo, differing_settings, find_runs, read_runs
 
 CURVE_SKIP = ("epoch", "step", "epoch_seconds", "samples_per_second", "skipped_steps")
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
 th{background:#f3f3f3}.curves{display:flex;flex-wrap:wrap;gap:1em}.curves figure{margin:0}
 img{max-width:100%}code{background:#f3f3f3;padding:0 .2em}"""
+PAGE_START = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>trainkit report</title>'
 
 
 def curve_names(runs: Sequence[RunInfo]) -> list[str]:
     """One plot per quantity: loss, each metric, lr, grad_norm (train_ and val_ on one plot)."""
-    columns = dict.fromkeys(column for run in runs for row in run.history for column in row)
+    columns = dict.fromkeys(column for run in runs for column in run.history.columns)
     names = dict.fromkeys(column.split("_", 1)[1] if column.startswith(("train_", "val_")) else column
                           for column in columns if column not in CURVE_SKIP)  # fmt: skip
     return list(names)
-
-
-def numbers(rows: list[dict[str, str]], column: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for index, row in enumerate(rows, start=1):
-        value = row.get(column)
-        if value not in (None, ""):
-            xs.append(float(row.get("step") or row.get("epoch") or index))
-            ys.append(float(value))
-    return xs, ys
 
 
 def curve_svg(runs: Sequence[RunInfo], name: str, labels: Sequence[str]) -> str:
@@ -52,13 +47,12 @@ def curve_svg(runs: Sequence[RunInfo], name: str, labels: Sequence[str]) -> str:
     ax = figure.subplots()
     for index, (run, label) in enumerate(zip(runs, labels)):
         for column, style in ((f"val_{name}", "-"), (f"train_{name}", "--"), (name, "-")):
-            xs, ys = numbers(run.history, column)
-            if xs:
-                ax.plot(xs, ys, style, color=f"C{index % 10}", marker="o", markersize=2,
-                        label=f"{label}: {column}")  # fmt: skip
-    ax.set_title(name)
-    ax.set_xlabel("optimizer step" if any(row.get("step") for run in runs for row in run.history) else "epoch")
-    if name == "lr" and all(y > 0 for run in runs for y in numbers(run.history, "lr")[1]):
+            xs, ys = run.history.points(column)
+            if len(xs):
+                plot_curve(ax, xs, ys, f"{label}: {column}", style, markersize=2, color=f"C{index % 10}")
+    ax.set_title(literal(name))
+    ax.set_xlabel("optimizer step" if any(len(run.history.points("step")[0]) for run in runs) else "epoch")
+    if name == "lr" and all((run.history.points("lr")[1] > 0).all() for run in runs):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -120,13 +114,14 @@ def comparison_section(folder: Path) -> str:
 
 
 def build_report(folders: Sequence[Path]) -> str:
-    runs: list[RunInfo] = []
+    run_folders: list[Path] = []
     comparisons: list[Path] = []
     for folder in map(Path, folders):
         if (folder / "report.md").is_file() and not (folder / "config.json").is_file():
             comparisons.append(folder)
         else:
-            runs += [read_run(path) for path in find_runs(folder)]
+            run_folders += find_runs(folder)
+    runs = read_runs(run_folders)
     if not runs and not comparisons:
         raise ConfigError(f"no trainkit runs or comparisons in {', '.join(map(str, folders))}; give run or compare folders")
     labels = [run.path.name if [r.path.name for r in runs].count(run.path.name) == 1 else str(run.path) for run in runs]
@@ -134,15 +129,40 @@ def build_report(folders: Sequence[Path]) -> str:
     if runs:
         body.append(runs_section(runs, labels))
     body += [comparison_section(folder) for folder in comparisons]
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>trainkit report</title>'
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
+    return (f"{PAGE_START}<style>{STYLE}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
 
 
-def write_report(folders: Sequence[Path], path: Path) -> Path:
-    """build_report's page written atomically to ``path``; a path that cannot be written is one line."""
+def write_report(folders: Sequence[Path], path: Path, *, overwrite: bool = False) -> Path:
+    """build_report's page written atomically to ``path``; a path that cannot be written, a run's
+    own file (always), or one that holds something else (unless ``overwrite``), is one line."""
+    refuse_to_replace(path, overwrite=overwrite)
     page = build_report(folders)
     try:
         write_atomically(path, page)
     except OSError as exc:
         raise TrainkitError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --out") from None
     return path
+
+
+def refuse_to_replace(path: Path, *, overwrite: bool = False) -> None:
+    """A one-line error for an ``--out`` whose writing would destroy something: a run's own file
+    (existing or not yet written; ``overwrite`` never lifts this), a folder, or an existing file
+    that is no earlier report."""
+    run = run_folder_of(path)
+    if run is not None:
+        raise ConfigError(f"--out {path} is a file of the run folder {run}; write the report elsewhere, "
+                          f"e.g. {run / 'report.html'}")  # fmt: skip
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give the HTML file to write, e.g. {path / 'report.html'}")
+    if path.exists() and not overwrite and not is_earlier_report(path):
+        raise ConfigError(f"--out {path} exists and is not a trainkit report; choose another --out "
+                          f"or add --overwrite to replace it")  # fmt: skip
+
+
+def is_earlier_report(path: Path) -> bool:
+    """Whether ``path`` is a page build_report wrote (it starts with PAGE_START)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(PAGE_START)) == PAGE_START.encode()
+    except OSError:
+        return False

@@ -6,9 +6,12 @@ killed run never blocks ``--resume``. Two ``trainkit train`` on one folder, or a
 while the run is still training, would otherwise interleave their history rows and overwrite
 each other's checkpoints.
 
-Every file trainkit writes goes to ``.NAME.PID.tmp`` first, is fsynced and renamed over
-``NAME``, and the folder is fsynced: a crash leaves the old file or the new one. A temp file
-whose PID is still alive belongs to a writer in flight and is never removed.
+Every file trainkit writes goes to ``.NAME.trainkit-PID.tmp`` first, is fsynced and renamed over
+``NAME``, and the folder is fsynced: a crash leaves the old file or the new one. The clean-up at
+the start of a run removes only such marked names whose writer is dead (and the unmarked
+``.NAME.PID.tmp`` of an older trainkit, for the files a run folder holds): ``--out`` may be a
+folder of the user's own, whose hidden ``*.tmp`` files are none of trainkit's business. Temp
+folders (sharded checkpoints) are removed only inside a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,8 +38,18 @@ except ImportError:  # not POSIX: no advisory locks (documented in docs/reliabil
 log = logging.getLogger("trainkit")
 
 LOCK_FILE = ".lock"
+LOCK_PATIENCE_S = 1.0  # how long a lock attempt outwaits a momentary holder (is_locked's probe)
 TEMP_SUFFIX = ".tmp"
-_TEMP_NAME = re.compile(r"^\..+?(?:\.(\d+))?\.tmp$")
+TEMP_MARKER = "trainkit"
+_TEMP_NAME = re.compile(rf"^\.(?P<name>.+)\.{TEMP_MARKER}-(?P<pid>\d+)\.tmp$")
+_UNMARKED_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.tmp$")  # an older trainkit's
+# The files trainkit writes into a run folder and its checkpoints/ (a sharded checkpoint's set-aside
+# folder included): only for these is an unmarked temp name trainkit's own.
+RUN_FILE_NAME = re.compile(
+    r"^(config\.json|history\.csv|summary\.json|failure\.json|trial\.json|lr_find\.(json|png)|[^/]+\.safetensors"
+    r"|(epoch-\d+(-step-\d+)?|best)\.(pt|dcp(\.old)?)|\.lock)$"
+)
+CHECKPOINTS = "checkpoints"
 _held: dict[Path, int] = {}  # run folders this process holds: resolved path -> lock fd
 
 
@@ -58,23 +72,35 @@ def lock_run_folder(out_dir: Path) -> None:
         fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise ConfigError(f"cannot write into --out {out_dir}: {exc.strerror}; choose a writable folder") from None
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise RunFolderBusy(
-                f"{out_dir} is in use by another trainkit process (PID {holder}); wait for it to finish, "
-                f"stop it, or choose another --out"
-            ) from None
+    if fcntl is not None and not _lock_within(fd, LOCK_PATIENCE_S):
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderBusy(
+            f"{out_dir} is in use by another trainkit process (PID {holder}); wait for it to finish, "
+            f"stop it, or choose another --out"
+        )
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
 
 
+def _lock_within(fd: int, seconds: float) -> bool:
+    """Try the exclusive flock until ``seconds`` pass. ``is_locked`` (runs, report, the tuner's claim)
+    holds a shared lock for an instant; a start that lands in that instant must not be refused."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+
 def is_locked(folder: Path) -> bool:
-    """Whether a live process holds the run's lock (the OS drops a dead one's)."""
+    """Whether a live process holds the run's lock (the OS drops a dead one's). The probe holds a
+    shared lock for an instant; ``lock_run_folder`` outwaits it."""
     path = folder / LOCK_FILE
     if fcntl is None or not path.is_file():
         return False
@@ -137,7 +163,7 @@ def make_folder(path: Path) -> None:
 # ------------------------------------------------------------- atomic files
 def temp_path(path: Path) -> Path:
     """Where ``path`` is written before its rename: unique per process, hidden, same folder."""
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{TEMP_MARKER}-{os.getpid()}{TEMP_SUFFIX}")
 
 
 def fsync_directory(directory: Path) -> None:
@@ -171,23 +197,50 @@ def write_atomically(path: Path, data: str | bytes) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-def remove_stale_temp_files(directory: Path) -> list[Path]:
-    """Delete temp files (and sharded checkpoints' temp folders) left by crashed writers; one whose
-    writer PID is alive is left alone."""
+def remove_stale_temp_files(directory: Path, *, folders: bool = False) -> list[Path]:
+    """Delete the temp files that crashed trainkit writers left in ``directory``; anything else there
+    may be the user's. ``folders``: also sharded checkpoints' temp folders (for a checkpoint folder
+    only: a folder is never deleted from a folder the user chose)."""
     if not directory.is_dir():
         return []
     removed = []
-    for path in directory.iterdir():
-        match = _TEMP_NAME.match(path.name)
-        if match is None or (match.group(1) and _is_other_live_process(int(match.group(1)))):
+    for path in sorted(directory.iterdir()):
+        if not is_stale_temp_name(path.name) or (_is_real_folder(path) and not folders):
             continue
-        if path.is_dir():
+        if _is_real_folder(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
         removed.append(path)
         log.info("removed %s, left by an interrupted write", path)
     return removed
+
+
+def is_stale_temp_name(name: str) -> bool:
+    """A temp name of trainkit's whose writer is gone: ``.NAME.trainkit-PID.tmp``, or an older
+    trainkit's unmarked ``.NAME.PID.tmp`` / ``.NAME.tmp`` where NAME is a file of a run folder."""
+    if match := _TEMP_NAME.match(name):
+        pid: int | None = int(match["pid"])
+    elif (match := _UNMARKED_TEMP_NAME.match(name)) and RUN_FILE_NAME.match(match["name"]):
+        pid = int(match["pid"]) if match["pid"] else None
+    else:
+        return False
+    return pid is None or not _is_other_live_process(pid)
+
+
+def _is_real_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder (one holding config.json) that ``path`` is, or would be, a file of: one of its
+    own files by name, or anything in its checkpoints/."""
+    path = path.resolve()
+    if path.parent.name == CHECKPOINTS and (path.parent.parent / "config.json").is_file():
+        return path.parent.parent
+    if RUN_FILE_NAME.match(path.name) and (path.parent / "config.json").is_file():
+        return path.parent
+    return None
 
 
 def _is_other_live_process(pid: int) -> bool:

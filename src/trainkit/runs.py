@@ -4,23 +4,67 @@ A run is a folder holding ``config.json``. Its status comes from its files and i
 ``running`` (a live process holds ``OUT/.lock``), ``finished`` (``summary.json``), ``failed``
 (``failure.json``, written when a run ends on an error) or ``interrupted`` (stopped or killed:
 ``trainkit train --out DIR --resume`` continues it). The settings column lists only what
-differs between the runs listed.
+differs between the runs listed. A run whose files are damaged is left out with a one-line
+warning naming it: one cut-off history.csv must not hide every other run.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import os
+import re
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from trainkit.errors import ConfigError
 from trainkit.rundir import is_locked, read_json
 
+log = logging.getLogger("trainkit")
+
 FAILURE_FILE = "failure.json"
 MAX_DEPTH = 4  # run folders are looked for this deep under DIR
 UNCOMPARED = ("out", "data_dir", "data_file", "device", "plots")  # where it ran, not what it trained
+# Written as escapes in a table cell: control characters (a newline would split the row), Unicode line
+# separators and direction overrides (they reorder what follows), lone surrogates (undecodable bytes).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+@dataclass
+class History:
+    """history.csv by column, one float per cell (NaN where empty): 8 bytes a cell instead of a dict
+    of strings per row, so `runs` and `report` stay small on a 200,000-row history."""
+
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: int = 0
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def measured(self, column: str) -> np.ndarray:
+        """The column's values, NaN where nothing was measured (all NaN for a column the run lacks)."""
+        return self.columns.get(column, np.full(self.rows, math.nan))
+
+    @cached_property
+    def positions(self) -> np.ndarray:
+        """Each row's x: its optimizer step, else its epoch, else its row number (from 1)."""
+        x = np.arange(1, self.rows + 1, dtype=float)
+        for name in ("epoch", "step"):  # the step wins where both are there
+            x = np.where(np.isnan(self.measured(name)), x, self.measured(name))
+        return x
+
+    def points(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the rows where ``column`` holds a number."""
+        y = self.measured(column)
+        kept = ~np.isnan(y)
+        return self.positions[kept], y[kept]
 
 
 @dataclass
@@ -29,7 +73,7 @@ class RunInfo:
     status: str
     config: dict[str, Any]
     summary: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, str]] = field(default_factory=list)
+    history: History = field(default_factory=History)
     failure: str = ""
 
 
@@ -63,22 +107,51 @@ def read_run(folder: Path) -> RunInfo:
     else:
         status = "interrupted"
     history_path = folder / "history.csv"
-    history = read_history(history_path) if history_path.is_file() else []
+    history = read_history(history_path) if history_path.is_file() else History()
     return RunInfo(folder, status, config, summary, history, failure.get("error", ""))
 
 
-def read_history(path: Path) -> list[dict[str, str]]:
-    """history.csv's rows; every cell must be a number or empty (a damaged file is one line naming it)."""
+def read_runs(folders: Iterable[Path]) -> list[RunInfo]:
+    """The runs in ``folders``; a damaged one is left out with a one-line warning naming it. When
+    none is readable, the first one's damage is the error."""
+    runs, damaged = [], []
+    for folder in folders:
+        try:
+            runs.append(read_run(folder))
+        except ConfigError as exc:
+            damaged.append(exc)
+    if damaged and not runs:
+        raise damaged[0]
+    for exc in damaged:
+        log.warning("left out a run: %s", exc)
+    return runs
+
+
+def read_history(path: Path) -> History:
+    """history.csv, read a row at a time; every cell must be a number or empty (a damaged file is
+    one line naming it)."""
     try:
         with path.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        for row in rows:
-            for value in row.values():
-                if value not in ("", None):
-                    float(value)
-    except (csv.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            cells = [array("d") for _ in header]
+            for row in filter(None, reader):  # blank lines are no rows
+                try:
+                    append_row(cells, row)
+                except ValueError as exc:
+                    raise ValueError(f"line {reader.line_num}: {exc}") from None
+    except (csv.Error, ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"the run's history {path} is damaged ({exc}); restore it or leave that run out") from None
-    return rows
+    columns = {name: np.frombuffer(values, dtype=float) for name, values in zip(header, cells)}
+    return History(columns, len(cells[0]) if cells else 0)
+
+
+def append_row(cells: list[array], row: list[str]) -> None:
+    """One history row onto its columns: a number each, NaN for an empty or missing cell."""
+    if len(row) > len(cells):
+        raise ValueError(f"{len(row)} cells for {len(cells)} columns")
+    for column, value in zip(cells, row + [""] * (len(cells) - len(row))):
+        column.append(float(value) if value.strip() else math.nan)
 
 
 def differing_settings(runs: list[RunInfo]) -> list[str]:
@@ -91,10 +164,10 @@ def best_metric(run: RunInfo) -> str:
     monitor = run.summary.get("monitor") or run.config.get("monitor", "val_loss")
     if run.summary.get("best_val_metric") is not None:
         return f"{monitor} {run.summary['best_val_metric']:.4g} (epoch {run.summary['best_epoch']})"
-    values = [float(row[monitor]) for row in run.history if row.get(monitor) not in (None, "")]
-    if not values:
+    values = run.history.points(monitor)[1]
+    if not len(values):
         return "–"
-    best = min(values) if "loss" in monitor else max(values)
+    best = values.min() if "loss" in monitor else values.max()
     return f"{monitor} {best:.4g}"
 
 
@@ -106,9 +179,16 @@ def test_metric(run: RunInfo) -> str:
     return f"{key.removeprefix('test_')} {tests[key]:.4g}"
 
 
+def table_cell(value: object) -> str:
+    """``value`` as one cell of a one-line row: unprintable characters (a newline in a folder name)
+    written as escapes and ``|`` escaped, so no name can split a row or add a column."""
+    text = _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), str(value))
+    return text.replace("|", "\\|")
+
+
 def runs_table(root: Path) -> str:
     """The markdown table `trainkit runs` prints."""
-    runs = [read_run(folder) for folder in find_runs(root)]
+    runs = read_runs(find_runs(root))
     if not runs:
         raise ConfigError(f"no trainkit runs under {root} (a run folder holds config.json); check the folder")
     settings = differing_settings(runs)
@@ -118,6 +198,7 @@ def runs_table(root: Path) -> str:
         wall = run.summary.get("wall_seconds")
         status = run.status + (f": {run.failure}" if run.failure and run.status == "failed" else "")
         differing = ", ".join(f"{key}={run.config.get(key)}" for key in settings) or "–"
-        lines.append(f"| {name} | {status} | {len(run.history)} | {best_metric(run)} | {test_metric(run)} | "
-                     f"{'–' if wall is None else f'{wall:.1f}'} | {differing} |")  # fmt: skip
+        cells = [name, status, len(run.history), best_metric(run), test_metric(run),
+                 "–" if wall is None else f"{wall:.1f}", differing]  # fmt: skip
+        lines.append("| " + " | ".join(map(table_cell, cells)) + " |")
     return "\n".join(lines)

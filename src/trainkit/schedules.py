@@ -131,8 +131,11 @@ class PlateauSchedule:
         self.steps_done += 1
 
     def step_metric(self, value: float) -> None:
-        """Call once per epoch end with the monitored metric; lowers the lr when it stalls."""
-        if not self.in_warmup:
+        """Call once per epoch end with the monitored metric; lowers the lr when it stalls.
+
+        A NaN/inf value is no measurement and is skipped: ReduceLROnPlateau would count it as an
+        epoch without improvement and cut the lr for what is a problem of the validation data."""
+        if not self.in_warmup and math.isfinite(value):
             self.plateau.step(value)
 
     def get_last_lr(self) -> list[float]:

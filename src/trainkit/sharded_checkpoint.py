@@ -11,7 +11,7 @@ A checkpoint ``epoch-0003.dcp/`` holds:
   running sums), in trainkit's one-file format with its sha256 trailer.
 * ``manifest.json``: the size and sha256 of every other file, written last.
 
-Saving is a collective: every rank writes its shards into ``.epoch-0003.dcp.<pid>.tmp/``;
+Saving is a collective: every rank writes its shards into ``.epoch-0003.dcp.trainkit-<pid>.tmp/``;
 rank 0 then writes state.pt and the manifest, fsyncs them, re-reads and verifies the folder
 and commits it with one rename. A crash at any moment leaves the previous checkpoints and a
 temporary folder that the next run deletes, never a partial folder under a final name.
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from trainkit import distributed
-from trainkit.errors import CheckpointError, first_line
+from trainkit.errors import CheckpointCorrupt, CheckpointError, first_line
 from trainkit.faults import crash_point
 from trainkit.rundir import fsync_directory, temp_path
 
@@ -105,9 +105,10 @@ def commit(state: dict[str, Any], tmp: Path, path: Path) -> None:
     files = {name: file_digest(tmp / name) for name in sorted(folder_files(tmp))}
     write_synced(tmp / MANIFEST, json.dumps({"format": FORMAT, "version": 1, "files": files}, indent=1).encode())
     fsync_directory(tmp)
-    problem = folder_problem(tmp)
-    if problem is not None:
-        raise CheckpointError(f"{tmp} read back differently from what was written ({problem}; disk error?)")
+    try:
+        check_folder(tmp)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{tmp} read back differently from what was written ({exc}; disk error?)") from None
     crash_point("save:before_rename")
     replace_folder(tmp, path)
     fsync_directory(path.parent)
@@ -126,7 +127,7 @@ def replace_folder(source: Path, target: Path) -> None:
     if not target.exists():
         os.replace(source, target)
         return
-    aside = target.with_name(f".{target.name}.old.{os.getpid()}.tmp")
+    aside = temp_path(target.with_name(f"{target.name}.old"))
     os.replace(target, aside)
     os.replace(source, target)
     shutil.rmtree(aside, ignore_errors=True)
@@ -177,33 +178,33 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {folder} has no {MANIFEST}: an unfinished save, or not a trainkit "
-                              f"sharded checkpoint") from None  # fmt: skip
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {folder}'s {MANIFEST} is unreadable: {first_line(exc)}") from None
+        raise CheckpointCorrupt(f"checkpoint {folder} has no {MANIFEST}: an unfinished save, or not a trainkit "
+                                f"sharded checkpoint") from None  # fmt: skip
+    except OSError as exc:  # may pass (permissions, EIO): says nothing about the files
+        raise CheckpointError(f"cannot read checkpoint {folder}'s {MANIFEST}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointCorrupt(f"checkpoint {folder}'s {MANIFEST} is unreadable: {first_line(exc)}") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != FORMAT or not isinstance(files, dict) or STATE_FILE not in files or ".metadata" not in files:
-        raise CheckpointError(f"checkpoint {folder}'s {MANIFEST} is not a trainkit sharded checkpoint's")
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT or STATE_FILE not in files or ".metadata" not in files:
+        raise CheckpointCorrupt(f"checkpoint {folder}'s {MANIFEST} is not a trainkit sharded checkpoint's")
     return manifest
 
 
-def folder_problem(folder: Path) -> str | None:
-    """None when every file the manifest lists is there with its size and sha256, else what is wrong."""
-    try:
-        files = read_manifest(folder)["files"]
-        for name, expected in files.items():
-            path = folder / name
-            if not path.is_file():
-                return f"checkpoint {folder} lacks {name}"
+def check_folder(folder: Path) -> None:
+    """Every file the manifest lists is there with its size and sha256: else CheckpointCorrupt, or
+    CheckpointError when a file cannot be read right now (which says nothing about its bytes)."""
+    files = read_manifest(folder)["files"]
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointCorrupt(f"checkpoint {folder} lacks {name}")
+        try:
             found = file_digest(path)
-            if found != expected:
-                what = "size" if found["bytes"] != expected.get("bytes") else "sha256"
-                return f"checkpoint {folder}: {name} fails its {what} check (corrupted or edited)"
-    except CheckpointError as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"cannot read checkpoint {folder}: {exc.strerror}"
-    return None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {folder}: {name}: {exc.strerror or exc}") from None
+        if found != expected:
+            what = "size" if found["bytes"] != expected.get("bytes") else "sha256"
+            raise CheckpointCorrupt(f"checkpoint {folder}: {name} fails its {what} check (corrupted or edited)")
 
 
 # ------------------------------------------------------------------- loading
@@ -211,9 +212,7 @@ def load_sharded(folder: Path, *, weights: bool = True) -> dict[str, Any]:
     """A sharded checkpoint's payload after verifying every file; see the module docstring for ``weights``."""
     from trainkit.checkpoint import load_checkpoint
 
-    problem = folder_problem(folder)
-    if problem is not None:
-        raise CheckpointError(problem)
+    check_folder(folder)
     payload = load_checkpoint(folder / STATE_FILE)
     shapes = model_shapes(folder)
     if weights:

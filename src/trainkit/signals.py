@@ -1,4 +1,4 @@
-"""SIGTERM/SIGINT at any moment of a training job: stop cleanly with status 75, never a bare 143.
+"""SIGTERM/SIGINT/SIGHUP at any moment of a training job: stop cleanly with status 75, never a bare 143.
 
 Schedulers (Slurm, Kubernetes, a requeueing wrapper) send SIGTERM whenever they like and read
 75 (EX_TEMPFAIL) as "requeue me". Inside the training loop a signal only sets a flag on the
@@ -6,7 +6,8 @@ Trainer, which finishes the step, saves a checkpoint and raises ``TrainingInterr
 Anywhere else (start-up, data loading, test evaluation, export) the handler raises
 ``TrainingInterrupted`` at once: every file is written atomically, so stopping there loses
 only time. Further signals while stopping are ignored with a message, so a second Ctrl-C
-cannot cut a save short; SIGKILL is always safe (docs/reliability.md).
+cannot cut a save short; SIGKILL is always safe (docs/reliability.md). SIGHUP (the terminal or
+ssh session closed) is a stop like SIGTERM: without a handler it killed the job with no save.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from trainkit.errors import TrainingInterrupted
 
 log = logging.getLogger("trainkit")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped cleanly by a signal; a scheduler may requeue with --resume
 
 

@@ -49,7 +49,9 @@ from trainkit.batches import DeviceBatches, EpochBatches, LoaderBatches, as_epoc
 from trainkit.devices import (
     explaining_nondeterministic_ops, free_cached_device_memory, host_copy, restore_rng, rng_state, run_device, to_host,
 )  # fmt: skip
-from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingInterrupted, TrainkitError
+from trainkit.errors import (
+    CheckpointError, ConfigError, DataError, NonFiniteLossError, TrainingInterrupted, TrainkitError,
+)  # fmt: skip
 from trainkit.faults import crash_point
 from trainkit.history import EpochMeter, HistoryFile, format_epoch, merged_meter_state
 from trainkit.lr_finder import LRFinderResult, lr_find
@@ -59,7 +61,10 @@ from trainkit.rundir import holding_run_folder, remove_stale_temp_files
 from trainkit.sharded_checkpoint import load_into, sharded_copies, with_copies
 from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
-from trainkit.tasks import StepOutput, Task, as_task, detached, model_logits, model_loss, named_loss
+from trainkit.tasks import (
+    LabelsSeen, StepOutput, Task, as_task, check_data, detached, model_logits, model_loss, named_loss, no_target_text,
+    parameter_dtype,
+)  # fmt: skip
 
 log = logging.getLogger("trainkit")
 
@@ -136,15 +141,28 @@ class BufferSnapshot:
             torch._foreach_copy_(self.live, self.saved)
 
 
-def labelled_as_data(batches: Iterable[Batch]) -> Iterator[Batch]:
-    """The batches, with fetching each one (indexing, augmentation) labelled "data" for the profiler."""
+def labelled_as_data(batches: Iterable[Batch], where: Callable[[], str]) -> Iterator[Batch]:
+    """The batches, with fetching each one (indexing, augmentation) labelled "data" for the profiler;
+    a DataError while fetching (samples that do not stack) says ``where()`` it happened."""
     iterator = iter(batches)
     while True:
         with phase("data"):
-            batch = next(iterator, None)
+            try:
+                batch = next(iterator, None)
+            except DataError as exc:
+                raise DataError(f"{where()}: {data_error_text(exc)}") from None
         if batch is None:
             return
         yield batch
+
+
+def data_error_text(exc: DataError) -> str:
+    """A DataError's message; one raised in a DataLoader worker comes back wrapped in the worker's
+    traceback, whose last line holds it."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(f"{DataError.__name__}: ", 1)[-1]
+    return text
 
 
 def split_micro_batches(group: list[Batch], size: int | None) -> list[Batch]:
@@ -287,6 +305,7 @@ class Trainer:
         # NONFINITE_CHECK_EVERY steps; _unchecked_from is the optimizer step of the first entry
         self._unchecked_losses: list[torch.Tensor] = []
         self._unchecked_from = 1
+        self._labels_checked_at = 0  # the optimizer step up to which the label guard's record was read
 
     # ----------------------------------------------------------------- fitting
     def fit(
@@ -311,6 +330,7 @@ class Trainer:
                 return self._fit(train, val, resume_from)
 
     def _fit(self, train: Any, val: Any, resume_from: str | Path | dict[str, Any] | None) -> list[dict[str, float]]:
+        self._check_data(train, val)
         train = self.train_batches = self._training_batches(train)
         steps_per_epoch = self.steps_per_epoch = math.ceil(len(train) / self.config.accumulate)
         if steps_per_epoch == 0:
@@ -372,6 +392,27 @@ class Trainer:
             world_size=self.world_size, steps_per_epoch=1,
         )  # fmt: skip
         return batches.loader if isinstance(batches, LoaderBatches) else batches.epoch(0)
+
+    def _check_data(self, train: Any, val: Any) -> None:
+        """The first samples of each split (whole tensors in memory) checked against the task and
+        the model's dtype before any step: labels the loss cannot take, samples that do not stack,
+        a lying __len__, float64 features. The label guard's records start afresh."""
+        dtype = parameter_dtype(self.model)
+        for data, split in ((train, "training"), (val, "validation")):
+            if data is not None:
+                check_data(self.task, data, f"{self._data_prefix()}{split}", dtype)
+        self.task.labels_seen(training=True)  # what the LR finder or batch-size probe left
+        self.task.labels_seen(training=False)
+
+    def _data_prefix(self) -> str:
+        """'--dataset NAME: ' when the run's recipe named its data (train_run), else nothing."""
+        name = self.run_info.get("data_fingerprint", {}).get("dataset")
+        return f"--dataset {name}: " if name else ""
+
+    def _training_batch(self) -> str:
+        """Where a DataError in the step in progress happened."""
+        step, epoch = self.state.global_step + 1, self.state.epoch
+        return f"{self._data_prefix()}the training batch of optimizer step {step} (epoch {epoch})"
 
     def _check_monitor(self, val: Any) -> None:
         """--monitor (and each EarlyStopping's) must name a metric this run produces: refused before
@@ -436,18 +477,47 @@ class Trainer:
             metrics["step"] = state.global_step
         metrics.update((k, v) for k, v in train_metrics.items() if k.startswith("train_"))
         if val is not None and has_samples(val):
-            metrics.update((f"val_{k}", v) for k, v in self.evaluate(val).items())
+            metrics.update((f"val_{k}", v) for k, v in self._validate(val).items())
         seconds = time.perf_counter() - self._row_started
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update((k, v) for k, v in train_metrics.items() if not k.startswith("train_"))
         metrics.update(epoch_seconds=seconds, samples_per_second=self._meter.total_rows / seconds)
         metrics = distributed.broadcast_object(metrics)  # rank 0's numbers everywhere: same decisions
+        self._warn_if_validation_nonfinite(metrics)
         state.metrics = metrics
         state.history.append(metrics)
         self._call("on_validation_end")
         self._meter = self._new_meter()
         self._row_started = time.perf_counter()
         return metrics
+
+    def _validate(self, val: Any) -> dict[str, float]:
+        """evaluate() on the validation data; its DataErrors say which validation."""
+        try:
+            return self.evaluate(val)
+        except DataError as exc:
+            where = f"{self._data_prefix()}validation after {self._position()}"
+            raise DataError(f"{where}: {data_error_text(exc)}") from None
+
+    def _position(self) -> str:
+        """'epoch 2' (with --val-every-steps: 'epoch 2, optimizer step 40')."""
+        step = f", optimizer step {self.state.global_step}" if self.config.val_every_steps else ""
+        return f"epoch {self.state.epoch}{step}"
+
+    def _warn_if_validation_nonfinite(self, metrics: dict[str, Any]) -> None:
+        """A NaN/inf validation metric is not a measurement: say so once per validation, and what
+        ignores it, instead of letting it pass silently through history, early stopping and the schedule."""
+        bad = [f"{name} {value}" for name, value in metrics.items()
+               if name.startswith("val_") and isinstance(value, float) and not math.isfinite(value)]  # fmt: skip
+        if not bad or not self.is_main:
+            return
+        effects = ["it never counts as the best"]
+        if any(isinstance(callback, EarlyStopping) for callback in self.callbacks):
+            effects.append("early stopping counts it as a validation without improvement")
+        if callable(getattr(self.scheduler, "step_metric", None)):
+            effects.append("the plateau schedule skips it")
+        log.warning("validation after %s gave %s: %s; look for NaN/inf in the validation data, or batches "
+                    "whose labels are all the ignore index", self._position(), ", ".join(bad), ", ".join(effects))
 
     def _new_meter(self) -> EpochMeter:
         return EpochMeter(self.device, self.task.new_metrics(), scaled=self.scaler.is_enabled())
@@ -477,10 +547,14 @@ class Trainer:
                         disable=None if self.is_main else True)  # fmt: skip
         every, val_every = self.config.checkpoint_every_steps, self.config.val_every_steps
         global_samples = getattr(train, "global_samples", None) if self.distributed else None
-        batches = labelled_as_data(train.epoch(self.state.epoch, self._batches_done))
+        batches = labelled_as_data(train.epoch(self.state.epoch, self._batches_done), self._training_batch)
+        self._labels_checked_at = self.state.global_step
         for group in group_batches(batches, self.config.accumulate):
             known = global_samples(self._batches_done, len(group)) if global_samples is not None else None
-            loss = self._optimizer_step(group, known)
+            try:
+                loss = self._optimizer_step(group, known)
+            except DataError as exc:
+                raise DataError(f"{self._training_batch()}: {exc}") from None
             self._batches_done += len(group)
             self.state.global_step += 1
             self._call("on_batch_end", loss)
@@ -496,11 +570,11 @@ class Trainer:
                 if interrupted:
                     self._raise_interrupted(saved)
             if self.state.global_step % NONFINITE_CHECK_EVERY == 0:
-                self._raise_if_nonfinite(steps)
+                self._check_recent_steps(steps)
             if ending or (validate and self.state.stop_requested):
                 break
         progress.close()
-        self._raise_if_nonfinite(steps)
+        self._check_recent_steps(steps)
 
     def _validate_mid_epoch(self, val: Any) -> bool:
         """A --val-every-steps point: a history row, early stopping's look, maybe a new best."""
@@ -786,10 +860,35 @@ class Trainer:
             step = int(distributed.all_reduce_min(torch.tensor(step, device=self.device)).item())
         return -1 if step == never else step
 
-    def _raise_if_nonfinite(self, steps_per_epoch: int) -> None:
+    def _check_recent_steps(self, steps_per_epoch: int) -> None:
+        """Every NONFINITE_CHECK_EVERY optimizer steps and at each epoch's end: labels the loss could
+        not take (LabelGuard), then NaN/inf losses, explained by a batch with no target when there was one."""
+        batches = (f"a training batch of epoch {self.state.epoch} "
+                   f"(optimizer steps {self._labels_checked_at + 1}-{self.state.global_step})")  # fmt: skip
+        seen = self._raise_if_labels_outside(f"{self._data_prefix()}{batches}", training=True)
+        self._labels_checked_at = self.state.global_step
+        self._raise_if_nonfinite(steps_per_epoch, no_target=batches if seen is not None and seen.no_target else None)
+
+    def _raise_if_labels_outside(self, batches: str, *, training: bool) -> LabelsSeen | None:
+        """One DataError when the label guard saw a label outside the model's classes (on any rank:
+        all ranks stop together); returns what it saw (None: nothing, or a task without the guard)."""
+        if self.task.label_guard is None:  # the same on every rank: no collective needed
+            return None
+        seen = self.task.labels_seen(training)
+        problem = None if seen is None else seen.out_of_range()
+        if distributed.any_rank(problem is not None):
+            raise DataError(f"{batches} holds {problem or 'a label outside the model classes (on another rank)'}")
+        return seen
+
+    def _raise_if_nonfinite(self, steps_per_epoch: int, no_target: str | None = None) -> None:
+        """``no_target``: the batches since the last check, when one of them had no target: that,
+        not the lr, is why the loss is NaN."""
         step = self._first_nonfinite_step()
         if step < 0:
             return
+        if no_target is not None:
+            raise DataError(f"{self._data_prefix()}the training loss became NaN at optimizer step {step}: "
+                            f"{no_target_text(no_target, self.task.label_guard.ignore_index)}")  # fmt: skip
         raise NonFiniteLossError(
             f"the training loss became NaN/inf at optimizer step {step} (epoch {self.state.epoch}, "
             f"step {step - (self.state.epoch - 1) * steps_per_epoch} of the epoch); training stopped. "
@@ -876,6 +975,7 @@ class Trainer:
         forward = self.eval_forward if module is self.model else module
         module.eval()
         distributed.broadcast_buffers(module)
+        self.task.labels_seen(training=False)  # what an earlier evaluation left
         metrics = self.task.new_metrics()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         weight: Any = 0
@@ -896,6 +996,7 @@ class Trainer:
         loss_total, weight_total, rows = distributed.all_reduce_sum(totals).tolist()
         if rows == 0:
             raise TrainkitError("cannot evaluate on an empty dataset")
+        self._raise_if_labels_outside("a batch", training=False)
         results = {"loss": loss_total / weight_total if weight_total else math.nan}
         results.update(metrics.results(distributed.all_reduce_sum, device=self.device))
         results.update(self.task.derived(results))

@@ -17,17 +17,33 @@ loss per token over all of it, not an estimate from a few random batches.
 
 from __future__ import annotations
 
+import codecs
 import math
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from trainkit.batches import DeviceBatches, batch_seed, rank_slice
 from trainkit.errors import ConfigError, DataError
-from trainkit.text.tokenizers import Tokenizer, train_tokenizer
+from trainkit.memory import GiB, MiB, available_memory_bytes
+from trainkit.text.tokenizers import Tokenizer, code_point_chunks, train_tokenizer
+
+# Peak memory of load_text a byte of the file, by tokenizer (measured on the KJV text x5: char
+# 5.3x ASCII, 6.2x with one 3-byte character first, 8.0x with one emoji first; byte 5.7x; bpe
+# 10.1x): the bytes while they decode, the text as a str (1 byte a character if ASCII, 2 or 4
+# once one character is wider) and its two split copies, then int32 ids, 4 bytes a token.
+LOAD_BYTES_PER_FILE_BYTE = {"char": 8, "byte": 8, "bpe": 12}
+# Not text: control characters (Unicode's Cc: C0, DEL and C1, less tab, newline, form feed and
+# carriage return) above this share of the characters, or this many NULs anywhere (a block of
+# zeros, what a sparse or zeroed region reads as; no text holds one).
+CONTROL_SHARE_LIMIT = 0.10
+NUL_LIMIT = 4096
+IS_CONTROL = np.array([unicodedata.category(chr(c)) == "Cc" and chr(c) not in "\t\n\f\r" for c in range(0xA1)])
 
 
 @dataclass
@@ -46,8 +62,20 @@ class TextData:
         return self.tokenizer.vocab_size
 
 
-def read_text(path: str | Path | None) -> str:
-    """A UTF-8 text file, or a one-line error saying what is wrong with it."""
+def read_text(path: str | Path | None, *, tokenizer: str = "char") -> str:
+    """A UTF-8 text file less its byte-order mark, or a one-line error saying what is wrong with it;
+    ``tokenizer``: the one that will encode it, for the memory check."""
+    path = regular_file(path)
+    require_memory_to_load(path, tokenizer)
+    text = decode_utf8(path, read_bytes(path))
+    if not text or text.isspace():
+        raise DataError(f"--data-file {path} holds no text")
+    require_mostly_printable(path, text)
+    return text
+
+
+def regular_file(path: str | Path | None) -> Path:
+    """``path`` once it names a regular file (a FIFO or a device such as /dev/zero would hang or never end)."""
     if path is None:
         raise ConfigError("--dataset text needs --data-file FILE (any UTF-8 text file)")
     path = Path(path)
@@ -55,16 +83,60 @@ def read_text(path: str | Path | None) -> str:
         raise DataError(f"--data-file {path} does not exist")
     if not path.is_file():
         raise DataError(f"--data-file {path} is not a regular file" + (" (it is a folder)" if path.is_dir() else ""))
+    return path
+
+
+def require_memory_to_load(path: Path, tokenizer: str) -> None:
+    """Refuse, before reading, a file whose text and ids cannot fit in the memory available now:
+    on CPU, running out is not an exception but swapping or the OOM killer."""
+    size = path.stat().st_size
+    per_byte = LOAD_BYTES_PER_FILE_BYTE.get(tokenizer, max(LOAD_BYTES_PER_FILE_BYTE.values()))
+    need, available = size * per_byte, available_memory_bytes()
+    if need > available:
+        raise DataError(f"--data-file {path} is {readable_size(size)}; reading and encoding it (--tokenizer "
+                        f"{tokenizer}) needs about {readable_size(need)} of memory but {readable_size(available)} "
+                        f"is available; train on part of it (e.g. head -c) or on a machine with more memory")  # fmt: skip
+
+
+def readable_size(size: float) -> str:
+    return f"{size / GiB:,.1f} GiB" if size >= GiB else f"{size / MiB:,.1f} MiB"
+
+
+def read_bytes(path: Path) -> bytes:
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"--data-file {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
-                        f"convert it with e.g. iconv -t utf-8") from None  # fmt: skip
+        return path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read --data-file {path}: {exc.strerror or exc}") from None
-    if not text.strip():
-        raise DataError(f"--data-file {path} holds no text")
-    return text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+
+
+def decode_utf8(path: Path, data: bytes) -> str:
+    """``data`` as text, less a leading byte-order mark: decoding starts after it, as slicing it off
+    the text would copy the whole text."""
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return str(memoryview(data)[start:], "utf-8")
+    except UnicodeDecodeError as exc:
+        byte = start + exc.start
+        raise DataError(f"--data-file {path} is not UTF-8 text (byte {byte} is {data[byte]:#04x}); "
+                        f"convert it with e.g. iconv -t utf-8") from None  # fmt: skip
+
+
+def require_mostly_printable(path: Path, text: str) -> None:
+    """Refuse text that is mostly control characters: a zeroed or sparse file is valid UTF-8 (NUL is
+    a character) and would train to token accuracy 1.0 on nothing."""
+    controls, nuls = control_counts(text)
+    if controls > CONTROL_SHARE_LIMIT * len(text) or nuls >= NUL_LIMIT:
+        raise DataError(f"--data-file {path} is not text: {controls:,} of its {len(text):,} characters are "
+                        f"control characters ({nuls:,} NUL); is it binary or a sparse/zeroed file?")  # fmt: skip
+
+
+def control_counts(text: str) -> tuple[int, int]:
+    """(control characters, NULs) in ``text``, counted a piece at a time."""
+    controls = nuls = 0
+    for _, codepoints in code_point_chunks(text):
+        controls += int(np.count_nonzero(IS_CONTROL[np.minimum(codepoints, len(IS_CONTROL) - 1)]))
+        nuls += int(np.count_nonzero(codepoints == 0))
+    return controls, nuls
 
 
 def load_text(
@@ -79,9 +151,10 @@ def load_text(
     """Read, split, train the tokenizer on the training part, and encode both parts."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    text = read_text(path)
+    text = read_text(path, tokenizer=tokenizer)
     cut = round(len(text) * (1.0 - val_fraction))
     train_text, val_text = text[:cut], text[cut:]
+    del text  # the slices are copies: the whole need not stay beside them and the ids
     tokens = train_tokenizer(tokenizer, train_text, vocab_size=vocab_size)
     train = torch.from_numpy(tokens.encode(train_text)).to(device)
     val = torch.from_numpy(tokens.encode(val_text)).to(device) if val_fraction > 0 else None

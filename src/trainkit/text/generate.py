@@ -11,7 +11,7 @@ from torch import nn
 
 from trainkit.errors import ConfigError
 from trainkit.text.models import context_window
-from trainkit.text.tokenizers import Tokenizer
+from trainkit.text.tokenizers import Tokenizer, replace_surrogates
 
 DEFAULT_CONTEXT = 256  # tokens an LSTM sees per step when no --block-size is given
 
@@ -33,11 +33,13 @@ def generate(
     """The prompt followed by ``tokens`` sampled tokens, decoded.
 
     Each step sees the last ``context`` tokens: pass the run's --block-size, the window length
-    the model trained on (a Transformer's own block size is the default).
+    the model trained on (a Transformer's own block size is the default). Undecodable bytes of a
+    command-line prompt (surrogates) are unknown characters, in the prompt and in the text returned.
     """
     check_sampling(tokens, temperature, top_k)
     if not prompt:
         raise ConfigError("--prompt must be non-empty text (e.g. a newline) for the model to continue")
+    prompt = replace_surrogates(prompt)
     device = next(model.parameters()).device
     context = context or context_window(model) or DEFAULT_CONTEXT
     ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.long, device=device)[None]

@@ -3,11 +3,15 @@
 Each tokenizer round-trips through ``state_dict()`` (plain strings and numbers), which the
 run stores in its checkpoints, so ``trainkit generate`` decodes with exactly the vocabulary
 the model was trained on. Encoding a whole file is vectorised with NumPy (char, byte) or done
-by Hugging Face ``tokenizers`` (bpe, an optional extra: ``pip install trainkit[text]``).
+by Hugging Face ``tokenizers`` (bpe, an optional extra: ``pip install trainkit[text]``). Char
+and bpe encode a piece at a time: one pass over a whole file would hold temporaries of many
+times its size (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -17,6 +21,27 @@ from trainkit.errors import ConfigError
 TOKENIZERS = ("char", "byte", "bpe")
 UNKNOWN_CHAR = "\ufffd"  # what an unknown character decodes to (Unicode's replacement character)
 DEFAULT_BPE_VOCAB = 1024
+# Characters converted to code points at a time: each costs ~25 bytes of temporaries while it is
+# looked up (its utf-32 copy, int64 search positions): 1.6 MB a piece instead of 24x the file.
+CODE_POINT_CHUNK = 1 << 16
+# Pieces of _chunks() that BPE encodes at once: Hugging Face's Encoding objects hold ~130 bytes
+# a token (ids, offsets, token strings, masks), 1 GB for a 21 MB file encoded in one call.
+BPE_BATCH = 64
+SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def code_point_chunks(text: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, code points as uint32) for each piece of ``text`` of CODE_POINT_CHUNK characters:
+    a whole file's utf-32 copy would be 4 bytes a character beside the text."""
+    for start in range(0, len(text), CODE_POINT_CHUNK):
+        yield start, np.frombuffer(text[start : start + CODE_POINT_CHUNK].encode("utf-32-le"), dtype=np.uint32)
+
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate replaced by UNKNOWN_CHAR. Python keeps the undecodable
+    bytes of a command-line argument as surrogates (U+DC80..U+DCFF), which no codec encodes;
+    like any character outside a vocabulary, they stand for something the model does not know."""
+    return SURROGATE.sub(UNKNOWN_CHAR, text)
 
 
 class CharTokenizer:
@@ -41,11 +66,17 @@ class CharTokenizer:
         return len(self.chars) + 1
 
     def encode(self, text: str) -> np.ndarray:
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.empty(len(text), dtype=np.int32)  # one id a character: Python counts code points
+        for start, codepoints in code_point_chunks(text):
+            ids[start : start + len(codepoints)] = self._ids(codepoints)
+        return ids
+
+    def _ids(self, codepoints: np.ndarray) -> np.ndarray:
+        """Each code point's position in the vocabulary, or the unknown id."""
         ids = np.searchsorted(self._codepoints, codepoints)
-        ids = np.minimum(ids, len(self._codepoints) - 1)
+        np.minimum(ids, len(self._codepoints) - 1, out=ids)
         known = self._codepoints[ids] == codepoints
-        return np.where(known, ids, self.unknown_id).astype(np.int32)
+        return np.where(known, ids, self.unknown_id)
 
     def decode(self, ids: Any) -> str:
         table = self.chars + UNKNOWN_CHAR
@@ -102,8 +133,9 @@ class BpeTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> np.ndarray:
-        encoded = self.tokenizer.encode_batch(_chunks(text))  # in parallel, and whole lines stay whole
-        return np.fromiter((i for e in encoded for i in e.ids), dtype=np.int32)
+        chunks = _chunks(text)  # whole lines stay whole; each batch is encoded in parallel
+        batches = (self.tokenizer.encode_batch(chunks[i : i + BPE_BATCH]) for i in range(0, len(chunks), BPE_BATCH))
+        return np.fromiter((i for batch in batches for e in batch for i in e.ids), dtype=np.int32)
 
     def decode(self, ids: Any) -> str:
         return self.tokenizer.decode([int(i) for i in ids])

@@ -11,6 +11,7 @@ loop and the pruning callback), ``workers`` (``--workers K``), ``results`` (best
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,15 +24,18 @@ if TYPE_CHECKING:
 __all__ = ["tune", "SAMPLERS", "PRUNERS"]
 SAMPLERS = ("tpe", "random", "grid")  # Optuna's TPESampler, RandomSampler, GridSampler
 PRUNERS = ("median", "hyperband", "none")  # MedianPruner, HyperbandPruner, NopPruner
-INSTALL_HINT = "trainkit tune needs Optuna: pip install 'trainkit[tune]'"
+TUNE_MODULES = ("optuna", "tomli_w")  # what pyproject.toml's `tune` extra brings: the engine, best.toml's writer
+INSTALL_HINT = "trainkit tune needs the Python module {module} (not installed): pip install 'trainkit[tune]'"
 
 
 def require_optuna() -> None:
-    try:
-        import optuna  # noqa: F401
-        import tomli_w  # noqa: F401
-    except ImportError:
-        raise TrainkitError(INSTALL_HINT) from None
+    """Import the `tune` extra's modules before any work, so that a missing one (or a module one of
+    them needs) is named with the extra that brings it, not reported as Optuna whatever it is."""
+    for module in TUNE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise TrainkitError(INSTALL_HINT.format(module=exc.name or module)) from None
 
 
 def tune(
@@ -73,8 +77,9 @@ def tune(
     toml_settings(spec.base)  # a base best.toml could not hold is refused now, not after the last trial
     try:
         with waiting_for_lock(spec.folder / CLAIM_LOCK):  # two commands starting at once create the study once
-            open_study(spec)  # first: a storage that cannot be opened leaves no tune.json behind
-            record_study(spec)
+            # first: a storage that cannot be opened, or a study of another folder or other settings,
+            # leaves no tune.json behind
+            record_study(spec, open_study(spec))
         if workers == 1:
             work(spec)
         else:
