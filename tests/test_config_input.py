@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from trainkit.cli import EXIT_USAGE, main
+from trainkit.cli import EXIT_USAGE
 from trainkit.config import (
     MAX_CONFIG_BYTES,
     MAX_CONFIG_DEPTH,
@@ -34,19 +34,15 @@ from trainkit.config import (
 )
 from trainkit.data import IDX_DATASETS, default_cache_dir, find_dataset_dir
 from trainkit.errors import ConfigError, DataError
-from test_bad_input import write_config
+from test_bad_input import run_main as run_cli, write_config
 
 FORMATS = ("toml", "yaml", "json")
 MNIST_FILES = [f.name for f in IDX_DATASETS["mnist"].files]
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, (captured.err + captured.out).strip()
+    code, output = run_cli(argv, capsys)
+    return code, output.strip()
 
 
 def assert_refused(argv: list[str], capsys, *expected: str) -> str:
