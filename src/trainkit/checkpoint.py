@@ -113,7 +113,7 @@ def damage_of(path: str | Path) -> str | None:
     except CheckpointCorrupt as exc:
         return str(exc)
     except CheckpointError:
-        return None
+        pass
     return None
 
 

@@ -790,10 +790,9 @@ def checkpoint_config(payload: dict[str, Any], path: str | Path, factories: Fact
     settings = {**known_settings(saved_settings(payload), f"checkpoint {path}"), **factories.named()}
     require_named_factories(settings, factories.named(), trust=factories.trust, source=f"checkpoint {path}")
     try:
-        config = config_from_dict(settings, source=f"the settings stored in {path}").resolved()
+        return config_from_dict(settings, source=f"the settings stored in {path}").resolved()
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
-    return config
 
 
 def evaluate_checkpoint(path: str | Path, *, data_dir: str | None = None, device: str = "auto",
