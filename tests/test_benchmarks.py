@@ -100,3 +100,11 @@ def test_every_frontier_variant_is_a_valid_command_line(recipe):
         config, given = train_config_from_args(args)
         named = {flag.removeprefix("--").replace("-", "_") for flag in flags if flag.startswith("--")}
         assert config.resolved().model == recipe.split("_")[0] and named <= set(given)
+
+
+def test_the_first_call_race_benchmark_reports_each_process_and_trainkits_import_settles_it():
+    from first_call_race import launch
+
+    differed = launch(["trainkit", "trainkit", "bare"], parallel=3)
+    assert differed[:2] == [[], []]
+    assert set(differed[2]) <= {"sqrt", "exp"}  # a bare process may race (benchmarks/first_call_race.py)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import subprocess
+import sys
 import types
 from contextlib import nullcontext
 from pathlib import Path
@@ -542,6 +544,29 @@ def test_batch_size_auto_on_cuda_leaves_headroom_and_room_for_the_runs_weight_co
 
 
 # ------------------------------------------------------------------ 6. determinism and numerics
+# Run in a fresh process: MKL's vector math initialises once per process, and this one has run it.
+VML_MODE_AFTER_IMPORT = """
+import ctypes, os, sys, torch
+library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+library.vmlGetMode.restype = ctypes.c_uint
+before = library.vmlGetMode()
+import trainkit.devices
+print(before, library.vmlGetMode())
+"""
+VML_FTZDAZ_OFF = 0x140000  # the mode bits ATen passes with every VML call; a thread that made none has them clear
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="this torch computes elementwise ops without MKL")
+def test_importing_trainkit_initialises_mkl_vector_math_on_one_thread_first():
+    """Same seed, other weights in about 1 fresh process in 20 on a busy machine, before: two
+    threads making MKL VML's first call at once (AdamW's sqrt) could compute one half on another
+    path (benchmarks/first_call_race.py). trainkit's import makes that first call on its own thread."""
+    done = subprocess.run([sys.executable, "-c", VML_MODE_AFTER_IMPORT], capture_output=True, text=True, check=True)
+    before, after = (int(word) for word in done.stdout.split())
+    assert not before & VML_FTZDAZ_OFF, "the process had made a VML call before importing trainkit"
+    assert after & VML_FTZDAZ_OFF == VML_FTZDAZ_OFF
+
+
 def test_cuda_runs_turn_on_deterministic_kernels_and_leave_tf32_off_unless_asked(monkeypatch):
     asked = {}
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "unset by the test")  # restored when it ends

@@ -9,8 +9,9 @@ parameter). RNG states are host tensors by definition (``torch.set_rng_state`` r
 else), and the one CUDA generator a run draws from is saved with its device index and restored
 onto the run's own device, whatever index that is now.
 
-Also here: choosing and activating the run's device, the numerics switches that make CUDA runs
-reproducible (``configure_numerics``), and whether bf16 pays on a device (``fast_bf16``).
+Also here: choosing and activating the run's device, the numerics switches that make runs
+reproducible (``settle_cpu_vector_math`` at import, ``configure_numerics`` for CUDA), and whether
+bf16 pays on a device (``fast_bf16``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,22 @@ CUBLAS_DETERMINISTIC = ":4096:8"
 # bf16 is chosen on a CPU only when its matmuls measure at least this much faster than fp32:
 # native bf16 (AMX, AVX-512 BF16) is 2-10x, emulated bf16 well below 1x, so noise cannot flip it.
 CPU_BF16_MIN_SPEEDUP = 1.3
+
+
+def settle_cpu_vector_math() -> None:
+    """Let Intel MKL's vector math initialise on one thread, before any op can split across threads.
+
+    ATen computes sqrt, exp, log, tanh, erf... of float tensors with MKL's VML, which initialises
+    itself at its first call in a process. When two OpenMP threads make that first call at once (an
+    elementwise op on a tensor big enough to split, such as AdamW's ``sqrt`` of its second moment),
+    one of them can compute its half on a less accurate path: the same seed then gives other weights
+    in a few fresh processes in a hundred on a busy machine (docs/reliability.md, "Determinism on a
+    CPU"). One single-element call, too small to split, initialises VML first; it costs microseconds.
+    """
+    torch.sqrt(torch.ones(1))
+
+
+settle_cpu_vector_math()  # at import: before the first op of any run, recipe or user model
 
 
 # ------------------------------------------------------------------ the device
