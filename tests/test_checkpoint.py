@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit import checkpoint as ckpt
+from trainkit.checkpoint import file as checkpoint_file
+from trainkit.checkpoint import store as checkpoint_store
 from trainkit.checkpoint import (
     TRAILER_MAGIC,
     CheckpointDir,
@@ -48,7 +49,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp(tmp_path, mon
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "fsync", failing_fsync)
+    monkeypatch.setattr(checkpoint_file.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(payload(9.0), path)
     monkeypatch.undo()
@@ -97,7 +98,7 @@ def test_every_single_bit_flip_is_detected_including_tensor_bytes(tmp_path):
     # the point of the trailer: a flip inside the tensor payload is invisible to torch.load
     flipped = bytearray(data)
     flipped[tensor_at + 1] ^= 0x01
-    body = bytes(flipped[: -ckpt.TRAILER_SIZE])
+    body = bytes(flipped[: -checkpoint_file.TRAILER_SIZE])
     silently_wrong = torch.load(io.BytesIO(body), weights_only=True)["model"]["w"]
     assert not torch.equal(silently_wrong, torch.full((64,), 0.25))
 
@@ -200,14 +201,14 @@ def test_leftover_temp_files_are_removed(tmp_path):
 
 
 def test_a_full_disk_makes_room_from_older_checkpoints_instead_of_failing_every_save(tmp_path, monkeypatch, caplog):
-    real = ckpt.save_checkpoint
+    real = checkpoint_store.save_checkpoint
 
     def save_on_a_disk_with_room_for_two(data, path):
         if len(list(tmp_path.glob("epoch-*.pt"))) >= 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(data, path)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_on_a_disk_with_room_for_two)
+    monkeypatch.setattr(checkpoint_store, "save_checkpoint", save_on_a_disk_with_room_for_two)
     folder = CheckpointDir(tmp_path, keep_last=3)
     with caplog.at_level(logging.WARNING, logger="trainkit"):
         for epoch in (1, 2, 3, 4):
@@ -218,7 +219,7 @@ def test_a_full_disk_makes_room_from_older_checkpoints_instead_of_failing_every_
     def save_on_a_full_disk(data, path):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(checkpoint_store, "save_checkpoint", save_on_a_full_disk)
     with pytest.raises(OSError, match="No space"):  # room made once, still full: reported, not retried forever
         folder.save(payload(5.0), epoch=5, step=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-0004.pt"]  # the newest valid file is never deleted

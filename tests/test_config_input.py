@@ -8,7 +8,6 @@ process and checks the exit code, that the output is one line, and its words.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any

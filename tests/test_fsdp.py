@@ -1,4 +1,4 @@
-"""--strategy fsdp (trainkit.fsdp) and sharded checkpoints (trainkit.sharded_checkpoint): real 2-process
+"""--strategy fsdp (trainkit.fsdp) and sharded checkpoints (trainkit.checkpoint.sharded): real 2-process
 gloo runs on CPU, with the helpers and settings of test_distributed.
 
 FSDP vs DDP vs one process: the same global batches; FSDP reduce-scatters what DDP all-reduces,

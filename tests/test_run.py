@@ -117,7 +117,7 @@ def test_retention_across_a_run_and_best_is_the_best_validation_epoch(synthetic_
 
 def checkpoint_writes_fail_after(monkeypatch, successes: int, errno_: int = errno.ENOSPC) -> list[str]:
     """Every checkpoint write after the first ``successes`` fails like a full disk; returns the names tried."""
-    from trainkit import checkpoint as ckpt
+    from trainkit.checkpoint import store as ckpt  # where CheckpointDir saves from
 
     real, tried = ckpt.save_checkpoint, []
 

@@ -11,9 +11,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -33,24 +32,22 @@ from trainkit.config import (
 )
 from trainkit.data import DATASET_NAMES
 from trainkit.distributed import STRATEGIES, env_rank
-from trainkit.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted, TrainkitError
+from trainkit.errors import CheckpointError, TrainkitError
+from trainkit.exits import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_UNVERIFIED, EXIT_USAGE, exit_status  # noqa: F401 (the codes, read from here too)
 from trainkit.export import EXPORT_FORMATS
 from trainkit.factories import parse_key_values
 from trainkit.loggers import LOGGERS
 from trainkit.metrics import BUILTIN_METRICS
 from trainkit.optim import LR_SCALINGS
-from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
+from trainkit.signals import graceful_stop
 from trainkit.text.models import NORM_POSITIONS
 from trainkit.text.tokenizers import TOKENIZERS
 from trainkit.tta import TTA_MODES
-from trainkit.tune import PRUNERS, SAMPLERS
+from trainkit.tune.names import PRUNERS, SAMPLERS
 
 if TYPE_CHECKING:
     from trainkit.run import Factories
 
-EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
-EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up
-EXIT_UNVERIFIED = 1  # trainkit inspect: the checkpoint fails verification
 TEXT_COMPARISONS = ("warmup", "clipping", "transformer_init", "sequence_norm")  # train on --data-file
 COMPARISONS = ("schedules", "init", "norm", "regularization", *TEXT_COMPARISONS)  # modules of trainkit.experiments
 TRUST_HELP = ("import the MODULE:FUNCTION factories named inside the checkpoint or run folder: they are code, and "
@@ -472,7 +469,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from trainkit.checkpoint import load_checkpoint, require_checkpoint_file, verify_checkpoint
     from trainkit.factories import describe_factories, untrusted_factories
     from trainkit.run import saved_settings
-    from trainkit.sharded_checkpoint import is_sharded_checkpoint
+    from trainkit.checkpoint.sharded import is_sharded_checkpoint
 
     sharded = is_sharded_checkpoint(Path(args.checkpoint))
     if not sharded:
@@ -524,32 +521,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     prog = f"trainkit {args.command}" + (f" (rank {env_rank()})" if env_rank() else "")
     return exit_status(prog, lambda: handlers[args.command](args))
-
-
-def exit_status(prog: str, command: Callable[[], int]) -> int:
-    """Run a command; a user's problem becomes one line on stderr and its exit status (a
-    traceback means a trainkit bug). Also what each `trainkit tune --workers` process reports with."""
-    try:
-        return command()
-    except TrainingInterrupted as exc:
-        print(f"{prog}: {exc}; {exc.advice}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except NonFiniteLossError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except TrainkitError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:  # `trainkit inspect X | head`: the reader left; not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except OSError as exc:  # the machine, not trainkit: disk full, permissions, a vanished folder
-        where = f" ({exc.filename})" if exc.filename else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
-        return EXIT_USAGE
-    except MemoryError:
-        print(f"{prog}: error: out of memory; use a smaller model or --batch-size", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; earlier checkpoints are intact", file=sys.stderr)
-        return 130

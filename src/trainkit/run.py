@@ -54,7 +54,7 @@ from trainkit.runs import FAILURE_FILE
 from trainkit.rundir import holding_run_folder, read_json, remove_stale_temp_files, run_folder_of, write_atomically
 from trainkit.schedules import build_scheduler
 from trainkit.signals import GracefulStop, graceful_stop
-from trainkit.sharded_checkpoint import is_sharded_checkpoint
+from trainkit.checkpoint.sharded import is_sharded_checkpoint
 from trainkit.runtime import map_tensors
 from trainkit.tasks import Task
 from trainkit.factories import build_user_model, factory_sources, require_named_factories

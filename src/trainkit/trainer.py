@@ -58,7 +58,7 @@ from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.optim import batch_scaled_lr, build_optimizer, check_user_optimizer
 from trainkit.precision import autocast_dtype, masked_by_overflow, overflow
 from trainkit.rundir import holding_run_folder, remove_stale_temp_files
-from trainkit.sharded_checkpoint import load_into, sharded_copies, with_copies
+from trainkit.checkpoint.sharded import load_into, sharded_copies, with_copies
 from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
 from trainkit.tasks import (
@@ -697,8 +697,8 @@ class Trainer:
         """
         step = self.state.global_step + 1
         if self.distributed:
-            advice = (f"resume with a smaller --batch-size (and --accumulate to keep the effective batch), "
-                      f"--grad-checkpointing or --precision bf16")  # fmt: skip
+            advice = ("resume with a smaller --batch-size (and --accumulate to keep the effective batch), "
+                      "--grad-checkpointing or --precision bf16")  # fmt: skip
             if mid_reduction:
                 raise TrainkitError(f"out of memory at step {step} on rank {self.rank} in the backward pass that "
                                     f"all-reduces DDP's gradients, which cannot be retried; {advice}")  # fmt: skip
@@ -1235,7 +1235,7 @@ class Trainer:
             return None
         payload = self.state_dict(epoch_complete=epoch_complete)
         step = None if epoch_complete else self.state.global_step
-        if self.sharded:  # every rank writes its shards (trainkit.sharded_checkpoint), rank 0 commits
+        if self.sharded:  # every rank writes its shards (trainkit.checkpoint.sharded), rank 0 commits
             distributed.broadcast_buffers(self.model)  # DCP writes one rank's copy of each buffer: rank 0's
             payload["model"], payload["optimizer"] = fsdp.sharded_state(self.model, self.optimizer)
             path, message = self._write_checkpoint(payload, step, is_best)

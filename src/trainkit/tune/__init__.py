@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainkit.errors import ConfigError, TrainingInterrupted, TrainkitError
+from trainkit.tune.names import PRUNERS, SAMPLERS
 
 if TYPE_CHECKING:
     from trainkit.config import TrainConfig
 
 __all__ = ["tune", "SAMPLERS", "PRUNERS"]
-SAMPLERS = ("tpe", "random", "grid")  # Optuna's TPESampler, RandomSampler, GridSampler
-PRUNERS = ("median", "hyperband", "none")  # MedianPruner, HyperbandPruner, NopPruner
 TUNE_MODULES = ("optuna", "tomli_w")  # what pyproject.toml's `tune` extra brings: the engine, best.toml's writer
 INSTALL_HINT = "trainkit tune needs the Python module {module} (not installed): pip install 'trainkit[tune]'"
 

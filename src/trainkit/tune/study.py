@@ -30,7 +30,7 @@ from trainkit.errors import ConfigError, first_line
 from trainkit.run import RESUMABLE_OVERRIDES, config_differences
 from trainkit.rundir import _is_other_live_process, is_locked, lock_run_folder, read_json, waiting_for_lock
 from trainkit.rundir import write_atomically
-from trainkit.tune import PRUNERS, SAMPLERS
+from trainkit.tune.names import PRUNERS, SAMPLERS
 from trainkit.tune.space import Dimension, grid_space, parse_space
 
 STUDY_FILE = "tune.json"

@@ -19,6 +19,7 @@ import time
 import torch
 
 from trainkit.errors import TrainingInterrupted, TrainkitError
+from trainkit.exits import exit_status
 from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
 from trainkit.tune.study import TuneSpec
 from trainkit.tune.trials import RESUME_ADVICE, work
@@ -68,8 +69,6 @@ def describe_exit(code: int | None) -> str:
 
 def worker_main(spec: TuneSpec, index: int, parent: int, device: str | None = None) -> None:
     """A worker process: stop with the tuner, log with a prefix, report errors as the CLI does."""
-    from trainkit.cli import exit_status
-
     stop_with_parent(parent)
     logging.basicConfig(level=logging.INFO, format=f"[worker {index}] %(message)s", stream=sys.stderr)
     sys.exit(exit_status(f"trainkit tune (worker {index})", lambda: guarded_work(spec, device)))

@@ -1,5 +1,5 @@
 """Sharded checkpoints (--strategy fsdp): folders written through torch.distributed.checkpoint (DCP),
-with the guarantees of trainkit's one-file checkpoints (trainkit.checkpoint) kept.
+with the guarantees of trainkit's one-file checkpoints (trainkit.checkpoint.file) kept.
 
 A checkpoint ``epoch-0003.dcp/`` holds:
 
@@ -36,6 +36,7 @@ import torch
 
 from trainkit import distributed
 from trainkit.errors import CheckpointCorrupt, CheckpointError, first_line
+from trainkit.checkpoint.file import encode, load_file
 from trainkit.faults import crash_point
 from trainkit.rundir import fsync_directory, temp_path
 
@@ -99,8 +100,6 @@ def split_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
 def commit(state: dict[str, Any], tmp: Path, path: Path) -> None:
     """Rank 0: state.pt and the manifest into the shards' folder, verify it, rename it to ``path``."""
-    from trainkit.checkpoint import encode
-
     write_synced(tmp / STATE_FILE, encode(state))
     files = {name: file_digest(tmp / name) for name in sorted(folder_files(tmp))}
     write_synced(tmp / MANIFEST, json.dumps({"format": FORMAT, "version": 1, "files": files}, indent=1).encode())
@@ -210,10 +209,8 @@ def check_folder(folder: Path) -> None:
 # ------------------------------------------------------------------- loading
 def load_sharded(folder: Path, *, weights: bool = True) -> dict[str, Any]:
     """A sharded checkpoint's payload after verifying every file; see the module docstring for ``weights``."""
-    from trainkit.checkpoint import load_checkpoint
-
     check_folder(folder)
-    payload = load_checkpoint(folder / STATE_FILE)
+    payload = load_file(folder / STATE_FILE)
     shapes = model_shapes(folder)
     if weights:
         model = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in shapes.items()}
