@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "trainkit"
 LAYERS: dict[str, tuple[str, ...]] = {
     "library": (
         "",  # the package's __init__: __version__ and the public names, imported lazily by name
-        "errors", "exits", "faults", "runtime", "devices", "precision", "distributed", "fsdp", "batches", "tasks",
+        "errors", "exits", "choices", "faults", "runtime", "devices", "precision", "distributed", "fsdp", "batches", "tasks",
         "metrics", "callbacks", "averaging", "optim", "schedules", "lr_finder", "memory", "checkpoint",
         "checkpoint.file", "checkpoint.sharded", "checkpoint.store", "rundir", "signals", "export", "history", "loggers", "runs", "report", "plots",
         "layers", "models", "init", "diagnostics", "config", "trainer",
@@ -27,10 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "tools": ("tune", "tune.*", "experiments", "experiments.*", "profiling"),
     "app": ("cli", "entry", "__main__"),
 }  # fmt: skip
-# Upward imports still to remove (issue 27): TrainConfig validates recipe names against the recipes' lists.
-KNOWN_UPWARD = {
-    ("config", "data"), ("config", "tta"), ("config", "text.models"), ("config", "text.tokenizers"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()  # (importer, imported) pairs still to remove
 MAX_LINES = 600
 KNOWN_LONG = {"trainer", "run", "batches", "config", "data", "tasks"}  # to split (issue 27)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from trainkit import __version__
+from trainkit.choices import DATASET_NAMES, NORM_POSITIONS, TOKENIZERS, TTA_MODES
 from trainkit.config import (
     MAX_SEED,
     MODES,
@@ -30,7 +31,6 @@ from trainkit.config import (
     load_config_file,
     recipe_config,
 )
-from trainkit.data import DATASET_NAMES
 from trainkit.distributed import STRATEGIES, env_rank
 from trainkit.errors import CheckpointError, TrainkitError
 from trainkit.exits import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_UNVERIFIED, EXIT_USAGE, exit_status  # noqa: F401 (the codes, read from here too)
@@ -40,9 +40,6 @@ from trainkit.loggers import LOGGERS
 from trainkit.metrics import BUILTIN_METRICS
 from trainkit.optim import LR_SCALINGS
 from trainkit.signals import graceful_stop
-from trainkit.text.models import NORM_POSITIONS
-from trainkit.text.tokenizers import TOKENIZERS
-from trainkit.tta import TTA_MODES
 from trainkit.tune.names import PRUNERS, SAMPLERS
 
 if TYPE_CHECKING:

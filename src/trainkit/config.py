@@ -32,7 +32,7 @@ from trainkit.errors import ConfigError
 from trainkit.loggers import check_loggers
 from trainkit.optim import LR_SCALINGS
 from trainkit.tasks import SMOOTHED_TASKS, TASKS, build_task
-from trainkit.tta import TTA_MODES
+from trainkit.choices import DATASET_NAMES, NORM_POSITIONS, SEQUENCE_MODELS, SEQUENCE_NORMS, TOKENIZERS, TTA_MODES
 
 TASK_NAMES = tuple(TASKS)
 
@@ -295,12 +295,9 @@ class TrainConfig:
 
     def _validate_recipe_choices(self) -> None:
         """The MNIST recipe's names, imported here only: the Trainer (loop_only) never needs the recipe."""
-        from trainkit.data import DATASET_NAMES
         from trainkit.init import INIT_SCHEMES
         from trainkit.layers import ACTIVATIONS, NORMS
         from trainkit.models import MODEL_NAMES
-        from trainkit.text.models import NORM_POSITIONS, SEQUENCE_MODELS, SEQUENCE_NORMS
-        from trainkit.text.tokenizers import TOKENIZERS
 
         for name, names in (("dataset", (*DATASET_NAMES, "text")), ("model", (*MODEL_NAMES, *SEQUENCE_MODELS))):
             if not is_factory_path(getattr(self, name)):

@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from trainkit.choices import DATASET_NAMES
 from trainkit.batches import DeviceBatches, shift_images
 from trainkit.errors import ConfigError, DataError
 
@@ -76,7 +77,6 @@ __all__ = [
     "shift_images",
 ]
 
-DATASET_NAMES = ("mnist", "fashion-mnist", "synthetic")
 
 NUM_CLASSES = 10
 

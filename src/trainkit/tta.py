@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from trainkit.batches import shift_images
 from trainkit.errors import ConfigError
 
-TTA_MODES = ("shifts",)
 # (dy, dx) of each view: the image itself, then one pixel down, up, right, left
 SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 

@@ -15,13 +15,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from trainkit.errors import ConfigError
+from trainkit.choices import NORM_POSITIONS, SEQUENCE_MODELS, SEQUENCE_NORMS
 from trainkit.distributed import ChannelsLastInput
 from trainkit.layers import Dropout, DropPath, check_choice, check_rate
 from trainkit.models import drop_path_rates
 
-SEQUENCE_MODELS = ("transformer", "lstm")
-SEQUENCE_NORMS = ("layer", "rms", "batch", "none")
-NORM_POSITIONS = ("pre", "post")
 
 
 class TokenBatchNorm(ChannelsLastInput, nn.BatchNorm1d):

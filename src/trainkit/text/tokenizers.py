@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from trainkit.choices import TOKENIZERS
 from trainkit.errors import ConfigError
 
-TOKENIZERS = ("char", "byte", "bpe")
 UNKNOWN_CHAR = "\ufffd"  # what an unknown character decodes to (Unicode's replacement character)
 DEFAULT_BPE_VOCAB = 1024
 # Characters converted to code points at a time: each costs ~25 bytes of temporaries while it is
