@@ -17,9 +17,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "trainkit"
 LAYERS: dict[str, tuple[str, ...]] = {
     "library": (
         "",  # the package's __init__: __version__ and the public names, imported lazily by name
-        "errors", "exits", "choices", "faults", "runtime", "devices", "precision", "distributed", "fsdp", "batches", "tasks",
-        "metrics", "callbacks", "averaging", "optim", "schedules", "lr_finder", "memory", "checkpoint",
-        "checkpoint.file", "checkpoint.sharded", "checkpoint.store", "rundir", "signals", "export", "history", "loggers", "runs", "report", "plots",
+        "errors", "exits", "choices", "faults", "runtime", "devices", "precision",  # foundations
+        "distributed", "fsdp", "strategies",  # processes
+        "batches", "tasks", "metrics",  # how a batch becomes a loss and numbers
+        "optim", "schedules", "lr_finder", "memory",
+        "checkpoint", "checkpoint.file", "checkpoint.sharded", "checkpoint.store", "rundir", "signals", "export",
+        "history", "loggers", "runs", "report", "plots",  # tracking
+        "callbacks", "averaging",
         "layers", "models", "init", "diagnostics", "config", "trainer",
     ),
     "recipes": ("data", "text", "text.data", "text.models", "text.tokenizers", "text.generate", "components",

@@ -61,6 +61,7 @@ from trainkit.rundir import holding_run_folder, remove_stale_temp_files
 from trainkit.checkpoint.sharded import load_into, sharded_copies, with_copies
 from trainkit.runtime import batch_rows, concatenate, map_tensors, split_batch, to_device
 from trainkit.schedules import ScheduleSpec, build_scheduler, scale_learning_rate
+from trainkit.strategies import Strategy, make_strategy
 from trainkit.tasks import (
     LabelsSeen, StepOutput, Task, as_task, check_data, detached, model_logits, model_loss, named_loss, no_target_text,
     parameter_dtype,
@@ -217,6 +218,7 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         scaler: torch.amp.GradScaler | None = None,
         run_info: dict[str, Any] | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Trainer needs a torch.nn.Module as its model, got {type(model).__name__}")
@@ -227,27 +229,20 @@ class Trainer:
             raise ConfigError("Trainer needs a numeric lr; run trainkit.lr_finder.lr_find first (train_run does)")
         self.device = run_device(self.config.device, deterministic=self.config.deterministic, tf32=self.config.tf32)
         self.amp_dtype = autocast_dtype(self.config.precision, self.device)
-        self.model = model.to(self.device)
         self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        self.distributed = distributed.is_active()
-        self.sharded = self.config.strategy == "fsdp" and self.distributed
-        if self.config.channels_last and not self.sharded:  # FSDP shards contiguous parameters only: inputs alone are NHWC
-            self.model.to(memory_format=torch.channels_last)
+        # how a step runs across processes: one process, DDP or FSDP (trainkit.strategies)
+        self.strategy = strategy if strategy is not None else make_strategy(self.config)
+        if not isinstance(self.strategy, Strategy):
+            raise ConfigError("Trainer's strategy must be a trainkit.strategies.Strategy, "
+                              f"got {type(self.strategy).__name__}")  # fmt: skip
+        self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
+        self.distributed, self.sharded = self.strategy.distributed, self.strategy.sharded
         self.is_main = self.rank == 0  # logs and writes files; other ranks write nothing
-        # DDP and the compiled wrapper only run the forward; self.model keeps the plain state_dict
-        # keys. Evaluation bypasses DDP: ranks evaluate different numbers of batches and DDP's
-        # per-forward buffer broadcast would make them wait for each other.
-        if self.config.sync_batchnorm and self.distributed:
-            self.model = distributed.sync_batchnorm(self.model, self.device)
-        # --strategy fsdp: the model's parameters become DTensor shards (trainkit.fsdp); FSDP's
-        # mixed-precision policy replaces autocast
-        if self.sharded:
-            self.model = self._shard(self.model)
-        self.ddp_model = self._wrap_ddp(self.model) if self.distributed and not self.sharded else None
-        train_module = self.model if self.ddp_model is None else self.ddp_model
-        self.forward = torch.compile(train_module) if self.config.compile else train_module
-        self.eval_forward = self.model if self.distributed else self.forward
+        # self.model keeps the plain state_dict keys; the strategy's forward wraps it (DDP, compile)
+        prepared = self.strategy.prepare(model.to(self.device), self.config, self.device)
+        self.model, self.forward, self.eval_forward = prepared.model, prepared.forward, prepared.eval_forward
+        if not prepared.autocast:
+            self.amp_dtype = None
         self.task = trainer_task(self.config, task, loss_fn, metrics, step)
         self.callbacks = list(callbacks)
         check_callbacks(self.callbacks)
@@ -594,10 +589,9 @@ class Trainer:
         """One optimizer step over an accumulation group; returns the group's mean loss.
 
         ``global_samples``: the group's rows over all ranks when the data knows it without asking
-        (DeviceBatches, DatasetBatches): see ``_group_size``.
+        (DeviceBatches, DatasetBatches): see ``Strategy.group_size``.
         """
-        if self.sharded:  # FSDP agreement point: rank 0's buffers (BatchNorm statistics) everywhere, as DDP's forward does
-            distributed.broadcast_buffers(self.model)
+        self.strategy.before_step(self.model)  # agreement point (FSDP): the ranks' buffers agree
         self._buffers.take()
         while True:
             try:
@@ -645,36 +639,25 @@ class Trainer:
         micro_batches = split_micro_batches(group, self.micro_batch_size)
         counts = [self.task.samples(batch) for batch in micro_batches]
         weight = sum(counts)
-        group_size = self._group_size(weight, counts, micro_batches, global_samples)
+        # agreement point (DDP, FSDP): the group's samples over all ranks, unless the data knows them
+        group_size = self.strategy.group_size(weight, counts, micro_batches, global_samples, self.device)
         group_loss: torch.Tensor | None = None
         deferred: list[StepOutput] = []
         for index, (batch, count) in enumerate(zip(micro_batches, counts)):
-            with self._gradient_sync(index == len(micro_batches) - 1):
+            with self.strategy.gradient_sync(index == len(micro_batches) - 1):  # reduced in the last backward only
                 with phase("forward"), self._autocast():
                     output = self.task.step(self.forward, batch)
                 # Mean loss of the micro-batch, weighted by its share of the group: the sum over
                 # the group equals the mean loss of one big batch, even for a short last group.
                 share = output.loss * (count / group_size)
-                # DDP all-reduces gradients during this backward: an OOM in it leaves DDP mid-reduction
-                self._reducing = self.ddp_model is not None and index == len(micro_batches) - 1
+                # an OOM in a backward that all-reduces (DDP's last) leaves the ranks mid-reduction
+                self._reducing = self.strategy.reduces_in_backward(index == len(micro_batches) - 1)
                 with phase("backward"):
                     self.scaler.scale(share).backward()
                 self._reducing = False
             group_loss = share.detach() if group_loss is None else group_loss + share.detach()
             deferred.append(detached(output))
         return group_loss, group_size, weight, deferred
-
-    def _group_size(self, weight: Any, counts: list[Any], micro_batches: list[Batch], global_samples: int | None) -> Any:
-        """What each rank's micro-batch shares are taken of, so that DDP's gradient average is the
-        mean over the whole global group even when ranks count different numbers of samples."""
-        if not self.distributed:
-            return weight
-        rows_counted = all(isinstance(c, int) and c == batch_rows(b) for c, b in zip(counts, micro_batches))
-        if global_samples is not None and rows_counted:
-            return global_samples / self.world_size
-        # DDP agreement point: the group's samples (tokens, elements) over all ranks, on the device
-        total = torch.as_tensor(weight, dtype=torch.float64, device=self.device).clone()
-        return distributed.all_reduce_sum(total) / self.world_size
 
     def _observe(self, output: StepOutput) -> None:
         """Count a micro-batch in the epoch's metrics; callbacks see the latest at on_batch_end."""
@@ -769,28 +752,6 @@ class Trainer:
         if clipped is None:  # no clipping configured
             clipped = torch.zeros((), device=self.device, dtype=torch.bool)
         return pre_clip_norm, clipped
-
-    def _shard(self, model: nn.Module) -> nn.Module:
-        fsdp.check_offload(self.config.fsdp_offload, self.device)
-        if self.device.type == "cpu" or self.config.fsdp_offload:
-            fsdp.keep_large_allocations_out_of_the_heap()
-        sharded = fsdp.shard_model(model, precision=self.config.precision, offload=self.config.fsdp_offload,
-                                   units=self.config.fsdp_units)  # fmt: skip
-        self.amp_dtype = None
-        return sharded
-
-    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel: all-reduces (averages) gradients during backward."""
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-    def _gradient_sync(self, last_micro_batch: bool):
-        """Under DDP/FSDP, all-reduce (reduce-scatter) gradients only in the backward of a group's last micro-batch."""
-        if last_micro_batch:
-            return nullcontext()
-        if self.sharded:
-            return fsdp.gradient_sync(self.model, False)
-        return nullcontext() if self.ddp_model is None else self.ddp_model.no_sync()
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -980,7 +941,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         weight: Any = 0
         rows = 0
-        for whole, counted in self._in_lockstep(self._evaluation_batches(data)):
+        for whole, counted in self.strategy.in_lockstep(self._evaluation_batches(data)):
             for batch, output in self._evaluated_pieces(forward, whole):
                 if not counted:
                     continue
@@ -1041,7 +1002,7 @@ class Trainer:
                 "statistics); call model.eval() first"
             )
         outputs = []
-        for inputs, counted in self._in_lockstep(self._prediction_inputs(data, batch_size or self.config.eval_batch_size)):
+        for inputs, counted in self.strategy.in_lockstep(self._prediction_inputs(data, batch_size or self.config.eval_batch_size)):
             with self._autocast():
                 produced = self.task.forward(self.eval_forward, to_device(inputs, self.device, self.memory_format))
             if not counted:
@@ -1052,10 +1013,6 @@ class Trainer:
         if not outputs:
             raise TrainkitError("predict() got no data")
         return concatenate(outputs)
-
-    def _in_lockstep(self, batches: Iterable[Batch]) -> Iterator[tuple[Batch, bool]]:
-        """(batch, counted) pairs; under FSDP padded so every rank runs as many forwards (fsdp.in_lockstep)."""
-        return fsdp.in_lockstep(batches) if self.sharded else ((batch, True) for batch in batches)
 
     def _prediction_inputs(self, data: Any, batch_size: int) -> Iterator[Any]:
         if isinstance(data, torch.Tensor):
@@ -1208,7 +1165,7 @@ class Trainer:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's whole state_dict (for exports); under FSDP a collective that gathers it on
         rank 0's CPU, the other ranks getting an empty dict."""
-        return fsdp.full_model_state(self.model) if self.sharded else self.model.state_dict()
+        return self.strategy.full_state_dict(self.model)
 
     def _is_new_best(self, metrics: dict[str, float]) -> bool:
         """Best by the same rule as early stopping (monitor, mode, min_delta), so both agree."""
