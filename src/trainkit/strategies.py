@@ -51,7 +51,7 @@ class Strategy:
     def prepare(self, model: nn.Module, config: TrainConfig, device: torch.device) -> Prepared:
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
-        forward = torch.compile(model) if config.compile else model
+        forward = compiled(model, config)
         return Prepared(model, forward, forward, autocast=True)
 
     def gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager:
@@ -79,6 +79,11 @@ class Strategy:
         return model.state_dict()
 
 
+def compiled(module: nn.Module, config: TrainConfig) -> nn.Module:
+    """The training forward, compiled under --compile."""
+    return torch.compile(module) if config.compile else module
+
+
 def global_group_size(weight: Any, counts: list[Any], micro_batches: list[Batch], known: int | None,
                       world_size: int, device: torch.device) -> Any:  # fmt: skip
     """What each rank's micro-batch shares are taken of, so that the gradient average is the mean
@@ -103,8 +108,7 @@ class DataParallel(Strategy):
             model = distributed.sync_batchnorm(model, device)
         device_ids = [device.index] if device.type == "cuda" else None
         self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        forward = torch.compile(self.ddp) if config.compile else self.ddp
-        return Prepared(model, forward, model, autocast=True)
+        return Prepared(model, compiled(self.ddp, config), model, autocast=True)
 
     def gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager:
         return nullcontext() if last_micro_batch else self.ddp.no_sync()
@@ -133,8 +137,7 @@ class FullySharded(Strategy):
             fsdp.keep_large_allocations_out_of_the_heap()
         self.model = fsdp.shard_model(model, precision=config.precision, offload=config.fsdp_offload,
                                       units=config.fsdp_units)  # fmt: skip
-        forward = torch.compile(self.model) if config.compile else self.model
-        return Prepared(self.model, forward, self.model, autocast=False)
+        return Prepared(self.model, compiled(self.model, config), self.model, autocast=False)
 
     def gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager:
         return nullcontext() if last_micro_batch else fsdp.gradient_sync(self.model, False)
