@@ -39,7 +39,7 @@ from loops import CLIP_NORM, LR, WEIGHT_DECAY, Workload, dataloader_loop, fresh_
 from trainkit.batches import DatasetBatches, DeviceBatches, LoaderBatches  # noqa: E402
 from trainkit.config import TrainConfig  # noqa: E402
 from trainkit.data import load_dataset  # noqa: E402
-from trainkit.trainer import Trainer  # noqa: E402
+from trainkit.loop.trainer import Trainer  # noqa: E402
 
 
 class PerSample(Dataset):

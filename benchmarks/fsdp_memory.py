@@ -52,7 +52,7 @@ def worker(variant: str, width: int, depth: int, steps: int, out: str) -> None:
     from trainkit.callbacks import Callback
     from trainkit.config import TrainConfig
     from trainkit.data import DeviceBatches
-    from trainkit.trainer import Trainer
+    from trainkit.loop.trainer import Trainer
 
     class StepClock(Callback):
         def __init__(self) -> None:

@@ -202,7 +202,7 @@ class GpuCheck:
     def fp16_overflow(self) -> str:
         from trainkit.config import TrainConfig
         from trainkit.data import DeviceBatches
-        from trainkit.trainer import Trainer
+        from trainkit.loop.trainer import Trainer
 
         device = torch.device(self.device)
         gen = torch.Generator().manual_seed(1)
@@ -282,7 +282,7 @@ class GpuCheck:
     def oom_backoff(self) -> str:
         from trainkit.config import TrainConfig
         from trainkit.data import DeviceBatches
-        from trainkit.trainer import Trainer
+        from trainkit.loop.trainer import Trainer
 
         device = torch.device(self.device)
         torch.manual_seed(0)
@@ -311,7 +311,7 @@ class GpuCheck:
     def auto_batch(self) -> str:
         from trainkit.components import seeded_data_and_model, training_batches
         from trainkit.config import TrainConfig
-        from trainkit.trainer import Trainer
+        from trainkit.loop.trainer import Trainer
 
         device = torch.device(self.device)
         config = TrainConfig(dataset="synthetic", model="cnn", batch_size="auto", epochs=1, patience=5, ema=0.99,

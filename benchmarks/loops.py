@@ -30,7 +30,7 @@ from trainkit.data import DeviceBatches
 from trainkit.init import init_weights
 from trainkit.models import build_model
 from trainkit.optim import split_decay_parameters
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
 
 LR, WEIGHT_DECAY, CLIP_NORM = 1e-3, 0.01, 1.0
 

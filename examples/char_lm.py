@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from trainkit.config import TrainConfig
 from trainkit.tasks import NextToken
-from trainkit.trainer import Trainer
+from trainkit import Trainer
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "text" / "kjv.txt"
 

@@ -38,7 +38,7 @@ from torch.utils.data import Dataset, Subset
 
 from trainkit.config import TrainConfig
 from trainkit.tasks import Classification
-from trainkit.trainer import Trainer
+from trainkit import Trainer
 
 PATTERNS = ("horizontal", "vertical", "checker")
 

@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 from trainkit.callbacks import EarlyStopping
 from trainkit.config import TrainConfig
 from trainkit.tasks import Regression
-from trainkit.trainer import Trainer
+from trainkit import Trainer
 
 
 def split_indices(rows: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor]:

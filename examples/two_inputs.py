@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from trainkit.config import TrainConfig
 from trainkit.tasks import Classification
-from trainkit.trainer import Trainer
+from trainkit import Trainer
 
 NUMBERS, CATEGORIES, CLASSES = 8, 6, 3
 

@@ -10,7 +10,7 @@ from torch import nn
 from trainkit import distributed
 from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
 
 
 class OutOfMemoryOnRank1(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.averaging import evaluation_weights
+from trainkit.loop.averaging import evaluation_weights
 from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
@@ -17,7 +17,7 @@ from trainkit.errors import ConfigError
 from trainkit.optim import batch_scaled_lr
 from trainkit.run import train_run
 from trainkit.tasks import Classification, NextToken
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
 from trainkit.tta import ShiftAveraged
 
 

@@ -36,7 +36,8 @@ from trainkit.data import DeviceBatches
 from trainkit.errors import ConfigError, TrainkitError
 from trainkit.loggers import RunLogger
 from trainkit.run import evaluate_checkpoint, export_checkpoint, generate_from_checkpoint, resume_config, train_run
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
+from trainkit.strategies import DataParallel
 
 RUN_DEVICE = "cpu:0"  # the same memory as the host, another device name: what cuda:0 is to a GPU host
 
@@ -171,7 +172,7 @@ def test_rollback_reloads_a_checkpoint_read_to_the_host_and_keeps_its_fallback_t
     trainer.fit(toy_data())
     assert trainer.rollbacks == 1 and trainer.state.global_step == 12
     assert set(device_is_not_the_host) == {devices.HOST}
-    fallback = [t for t in trainer._fallback_state["model"].values()]
+    fallback = [t for t in trainer.nonfinite.fallback["model"].values()]
     assert all(t.device == devices.HOST for t in fallback)
     assert all(t.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()  # a copy, not the live weights
                for t, p in zip(fallback, trainer.model.state_dict().values()))  # fmt: skip
@@ -416,7 +417,7 @@ def test_an_oom_after_the_first_micro_batch_counts_nothing_twice():
 
 
 def test_an_oom_in_the_device_copy_backs_off_like_one_in_the_forward(monkeypatch):
-    import trainkit.trainer as trainer_module
+    import trainkit.loop.trainer as trainer_module
 
     real, copies = trainer_module.to_device, []
 
@@ -481,15 +482,15 @@ def test_an_oom_in_evaluation_evaluates_in_pieces_with_the_same_numbers():
 
 def test_under_ddp_a_rank_that_ran_out_alone_or_mid_reduction_stops_the_run_in_one_line(monkeypatch):
     trainer = Trainer(OutOfMemoryOnCall(set()), TrainConfig(device="cpu", patience=0))
-    trainer.distributed, trainer.config.strategy = True, "ddp"
+    trainer.backoff.strategy = DataParallel()  # the back-off as a DDP rank runs it
     group = [next(iter(toy_data().epoch(1)))]
     with pytest.raises(TrainkitError, match="backward pass that all-reduces DDP's gradients, which cannot be retried"):
-        trainer._back_off_after_oom(group, mid_reduction=True)
+        trainer.backoff.halve(group, 1, mid_reduction=True)
     monkeypatch.setattr(distributed, "every_rank_out_of_memory", lambda: False)
     with pytest.raises(TrainkitError, match="out of memory at step 1 on rank 0 but not on every rank"):
-        trainer._back_off_after_oom(group)
+        trainer.backoff.halve(group, 1)
     monkeypatch.setattr(distributed, "every_rank_out_of_memory", lambda: True)
-    trainer._back_off_after_oom(group)  # every rank ran out: all halve together
+    trainer.backoff.halve(group, 1)  # every rank ran out: all halve together
     assert trainer.micro_batch_size == 16
 
 
@@ -633,10 +634,10 @@ def test_an_export_of_a_model_elsewhere_runs_on_a_host_copy(monkeypatch, tmp_pat
 
 
 def test_predict_returns_host_tensors_batch_by_batch(monkeypatch):
-    import trainkit.trainer as trainer_module
+    import trainkit.loop.evaluation as evaluation_module
 
     moved = []
-    monkeypatch.setattr(trainer_module, "to_host", lambda tree: moved.append(tree) or devices.to_host(tree))
+    monkeypatch.setattr(evaluation_module, "to_host", lambda tree: moved.append(tree) or devices.to_host(tree))
     trainer = Trainer(OutOfMemoryOnCall(set()).eval(), TrainConfig(device="cpu", eval_batch_size=50, patience=0))
     outputs = trainer.predict(torch.randn(120, 12))
     assert outputs.shape == (120, 3) and outputs.device == devices.HOST and len(moved) == 3

@@ -373,7 +373,7 @@ def test_a_dataloader_run_resumes_only_on_the_world_size_that_wrote_it(tmp_path)
     from torch.utils.data import DataLoader, TensorDataset
 
     from trainkit.errors import CheckpointError
-    from trainkit.trainer import Trainer
+    from trainkit.loop.trainer import Trainer
 
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=16)

@@ -16,7 +16,7 @@ from trainkit.data import DeviceBatches, load_dataset
 from trainkit.errors import ConfigError
 from trainkit.experiments.norm import BASE_LR, BATCH_SIZES, NORMS_BY_MODEL, compare_norm, eval_mode_pitfall, scaled_lr
 from trainkit.models import cnn, mlp
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
 
 from experiment_checks import assert_rerun_recomputes_only
 

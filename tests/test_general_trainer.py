@@ -15,7 +15,7 @@ from trainkit.callbacks import Callback
 from trainkit.config import TrainConfig
 from trainkit.errors import ConfigError
 from trainkit.tasks import MultiLabel, NextToken, Regression, StepOutput, Task
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
 
 LOOP = dict(device="cpu", patience=0, clip_norm=None, schedule="constant", epochs=2, batch_size=16)
 

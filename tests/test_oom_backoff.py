@@ -11,7 +11,8 @@ from torch import nn
 from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
 from trainkit.errors import TrainkitError
-from trainkit.trainer import Trainer, split_micro_batches
+from trainkit.loop.steps import split_micro_batches
+from trainkit.loop.trainer import Trainer
 
 
 class OutOfMemoryAbove(nn.Module):

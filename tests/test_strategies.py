@@ -15,7 +15,7 @@ from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
 from trainkit.errors import ConfigError
 from trainkit.strategies import Strategy, make_strategy
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
 
 
 def config(**overrides) -> TrainConfig:

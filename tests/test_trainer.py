@@ -14,7 +14,8 @@ from trainkit.config import TrainConfig
 from trainkit.data import DeviceBatches
 from trainkit import tasks
 from trainkit.errors import ConfigError, DataError, NonFiniteLossError, TrainkitError
-from trainkit.trainer import Trainer, group_batches
+from trainkit.loop.steps import group_batches
+from trainkit.loop.trainer import Trainer
 
 
 def plain_config(**overrides) -> TrainConfig:

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "Trainer": "trainkit.trainer",
+    "Trainer": "trainkit.loop.trainer",
     "TrainConfig": "trainkit.config",
     "Callback": "trainkit.callbacks",
     "EarlyStopping": "trainkit.callbacks",

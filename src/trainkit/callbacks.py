@@ -1,6 +1,6 @@
 """Callback hooks and the narrow view of the trainer they get.
 
-The training loop lives in one place (``trainkit.trainer``). Extensions hook into it at
+The training loop lives in one place (``trainkit.loop.trainer``). Extensions hook into it at
 seven named points and see only a ``TrainState``: the model, counters, the history, the
 latest metrics and the last micro-batch's (detached) outputs, plus one action,
 ``request_stop`` (at the epoch's end, or now). They cannot reach the optimizer or the loop's

@@ -150,7 +150,7 @@ class TrainConfig:
     lr_scaling: str | None = None  # sqrt | linear: scale --lr by the effective batch's ratio to lr_reference_batch
     lr_reference_batch: int = 128  # the effective batch (batch_size x accumulate) that --lr was chosen for
     precision: str = "fp32"
-    # weight averaging (trainkit.averaging) and label smoothing
+    # weight averaging (trainkit.loop.averaging) and label smoothing
     ema: float | None = None  # decay of an exponential moving average of the weights, updated every step
     swa_start: int | None = None  # stochastic weight averaging: average the weights at each epoch end from this epoch
     swa_lr: float | None = None  # SWA: the lr from swa_start on (annealed to over one epoch); None: the schedule's

@@ -2,7 +2,7 @@
 
 ``--strategy ddp`` runs one process per device under ``torchrun``, which sets RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The model is wrapped in
-``torch.nn.parallel.DistributedDataParallel`` (see trainkit.trainer); everything here is
+``torch.nn.parallel.DistributedDataParallel`` (see trainkit.strategies); everything here is
 what the rest of the loop needs around it:
 
 * ``process_group``: init/destroy the default group. On CUDA it serves both kinds of tensor

@@ -29,7 +29,7 @@ from trainkit.errors import ConfigError
 from trainkit.rundir import holding_run_folder
 from trainkit.components import build_run_task, seeded_data_and_model, training_batches
 from trainkit.devices import run_device
-from trainkit.trainer import Trainer
+from trainkit.loop.trainer import Trainer
 
 log = logging.getLogger("trainkit")
 

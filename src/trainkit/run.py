@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from trainkit import distributed, fsdp
-from trainkit.averaging import evaluation_weights
+from trainkit.loop.averaging import evaluation_weights
 from trainkit.callbacks import Callback, EarlyStopping
 from trainkit.checkpoint import (
     BEST_FILE, CHECKPOINT_NAME, SET_ASIDE_SUFFIX, SHARDED_BEST, CheckpointDir, all_finite, damage_of, load_checkpoint,
@@ -63,7 +63,8 @@ from trainkit.text.generate import check_sampling, generate
 from trainkit.text.models import build_sequence_model
 from trainkit.text.tokenizers import tokenizer_from_state
 from trainkit.tta import ShiftAveraged, require_images
-from trainkit.trainer import Trainer, schedule_spec
+from trainkit.loop.lr import schedule_spec
+from trainkit.loop.trainer import Trainer
 
 log = logging.getLogger("trainkit")
 

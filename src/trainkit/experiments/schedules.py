@@ -19,7 +19,7 @@ from trainkit.experiments.core import (
 )
 from trainkit.plots import plt
 from trainkit.schedules import lr_curve
-from trainkit.trainer import schedule_spec
+from trainkit.loop.lr import schedule_spec
 
 COMPARED_SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")
 

@@ -12,18 +12,26 @@ its averaging function is the library's (``get_ema_multi_avg_fn`` / ``get_swa_mu
 - SWA updates at the end of each epoch from ``swa_start`` (``update_parameters``: once an epoch
   a sync costs nothing) and keeps the live model's buffers; at the end of training ``update_bn``
   recomputes the BatchNorm statistics of the averaged weights over the training data.
+
+``WeightAveraging`` is the loop's part: when the average is updated, what validation measures,
+and what fit ends with. It is not a Callback: SWA sets the lr (trainkit.loop.lr), and callbacks
+never reach the optimizer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 
 from trainkit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from trainkit.config import TrainConfig
 
 AVERAGE_KINDS = ("ema", "swa")
 
@@ -86,6 +94,72 @@ class WeightAverage:
         self.averaged.module.load_state_dict(state["weights"])
         self.updates = int(state["updates"])
         self.averaged.n_averaged.fill_(self.updates)
+
+
+class WeightAveraging:
+    """``--ema`` (updated after every optimizer step) or ``--swa-start`` (at the end of each epoch
+    from that one); nothing when neither is set."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.config = config
+        self.average: WeightAverage | None = None
+        if config.ema is not None:
+            self.average = WeightAverage(model, kind="ema", ema_decay=config.ema)
+        elif config.swa_start is not None:
+            self.average = WeightAverage(model, kind="swa")
+        self.swa_applied = False  # set when fit ends with SWA's average: no validation row measured it
+
+    def _is(self, kind: str) -> bool:
+        return self.average is not None and self.average.kind == kind
+
+    def after_optimizer_step(self, model: nn.Module) -> None:
+        if self._is("ema"):
+            self.average.update(model)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        if self._is("swa") and epoch >= self.config.swa_start:
+            self.average.update(model)  # once per epoch: SWA averages the ends of epochs
+
+    def eval_module(self, model: nn.Module) -> nn.Module:
+        """What validation measures during training: the EMA (unless --no-eval-average), else the model.
+        SWA's average is measured only at the end, once its BatchNorm statistics are recomputed."""
+        return self.average.module if self._is("ema") and self.config.eval_average else model
+
+    def is_final(self) -> bool:
+        """Whether fit ends with the average as the model's weights."""
+        return self.average is not None and self.config.eval_average and self.average.updates > 0
+
+    def finish(self, model: nn.Module, batches: Callable[[], Iterable[Any]], forward: Callable[[nn.Module, Any], Any],
+               autocast: AbstractContextManager) -> None:  # fmt: skip
+        """The average becomes the final weights (what the test, predict and the exports see): the
+        EMA as it is, SWA after torch's update_bn over ``batches()`` (one pass of the training data)."""
+        if not self.is_final():
+            return
+        if self.average.kind == "swa":
+            self.swa_applied = True
+            with autocast:
+                self.average.refresh_batch_norm(batches(), forward)
+        model.load_state_dict(self.average.module.state_dict())
+
+    def describe(self, last_epoch: int, restored_epoch: int | None) -> str:
+        """What the final weights are, for the summary."""
+        if not self.is_final():
+            what = "the weights"
+        elif self.average.kind == "ema":
+            what = f"the EMA of the weights (decay {self.config.ema:g})"
+        else:
+            what = f"the SWA average of epochs {self.config.swa_start}-{last_epoch} (BatchNorm statistics recomputed)"
+        when = "last epoch" if restored_epoch is None else f"best epoch {restored_epoch} (restored by early stopping)"
+        return f"{what} at the {when}"
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.average.state_dict() if self.average is not None else None
+
+    def load_state_dict(self, saved: dict[str, Any] | None, model: nn.Module) -> None:
+        """A checkpoint without one (--force-resume adding --ema) starts the average afresh."""
+        if self.average is not None:
+            fresh = {"kind": self.average.kind, "updates": 0, "weights": model.state_dict()}
+            self.average.load_state_dict(saved or fresh)
 
 
 class _BatchForward(nn.Module):
