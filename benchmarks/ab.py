@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loops import Workload, in_memory_loop, trainkit_loop  # noqa: E402
 
-from trainkit.data import load_dataset  # noqa: E402
+from trainkit.recipes.images import load_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

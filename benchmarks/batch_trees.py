@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from trainkit.runtime import batch_rows, to_device
-from trainkit.tasks import Classification
+from trainkit.data.runtime import batch_rows, to_device
+from trainkit.tasks.kinds import Classification
 
 DEVICE = torch.device("cpu")
 

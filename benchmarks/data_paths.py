@@ -36,9 +36,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loops import CLIP_NORM, LR, WEIGHT_DECAY, Workload, dataloader_loop, fresh_model  # noqa: E402
 
-from trainkit.batches import DatasetBatches, DeviceBatches, LoaderBatches  # noqa: E402
-from trainkit.config import TrainConfig  # noqa: E402
-from trainkit.data import load_dataset  # noqa: E402
+from trainkit.data.dataset import DatasetBatches
+from trainkit.data.device import DeviceBatches
+from trainkit.data.loader import LoaderBatches  # noqa: E402
+from trainkit.config.schema import TrainConfig  # noqa: E402
+from trainkit.recipes.images import load_dataset  # noqa: E402
 from trainkit.loop.trainer import Trainer  # noqa: E402
 
 

@@ -6,7 +6,7 @@ Each run is `torchrun --nproc_per_node P` of this file's worker: trainkit's Trai
 of ``depth`` hidden layers of ``width`` units (784 inputs, 10 classes, AdamW) for ``steps``
 optimizer steps of a global batch of 64 random images. FSDP and DDP runs alternate,
 ``repeats`` times each, on the same machine (one thread per process); a third variant runs FSDP
-with glibc's dynamic mmap threshold (what trainkit.fsdp.keep_large_allocations_out_of_the_heap
+with glibc's dynamic mmap threshold (what trainkit.distributed.fsdp.keep_large_allocations_out_of_the_heap
 turns off on CPU) to show why it is off.
 
 Per process, after the last step:
@@ -38,7 +38,7 @@ GLIBC_DEFAULT = "fsdp-glibc-default"  # FSDP with glibc's dynamic mmap threshold
 
 
 def tensor_bytes(tensors) -> int:
-    from trainkit.fsdp import local_value
+    from trainkit.distributed.fsdp import local_value
 
     return sum(local_value(t).numel() * local_value(t).element_size() for t in tensors if t is not None)
 
@@ -47,11 +47,11 @@ def worker(variant: str, width: int, depth: int, steps: int, out: str) -> None:
     import torch
     from torch import nn
 
-    import trainkit.fsdp
+    import trainkit.distributed.fsdp
     from trainkit import distributed
-    from trainkit.callbacks import Callback
-    from trainkit.config import TrainConfig
-    from trainkit.data import DeviceBatches
+    from trainkit.loop.callbacks import Callback
+    from trainkit.config.schema import TrainConfig
+    from trainkit.data.device import DeviceBatches
     from trainkit.loop.trainer import Trainer
 
     class StepClock(Callback):
@@ -62,8 +62,8 @@ def worker(variant: str, width: int, depth: int, steps: int, out: str) -> None:
             self.times.append(time.perf_counter())
 
     strategy = variant.split("-")[0]
-    if variant == GLIBC_DEFAULT:  # what trainkit.fsdp's fixed mmap threshold avoids: measured, not used
-        trainkit.fsdp.keep_large_allocations_out_of_the_heap = lambda: None
+    if variant == GLIBC_DEFAULT:  # what trainkit.distributed.fsdp's fixed mmap threshold avoids: measured, not used
+        trainkit.distributed.fsdp.keep_large_allocations_out_of_the_heap = lambda: None
     with distributed.process_group(torch.device("cpu")):
         rank, world = distributed.rank(), distributed.world_size()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -200,8 +200,8 @@ class GpuCheck:
         return f"finished on the CPU: test accuracy {summary['test_accuracy']:.3f}"
 
     def fp16_overflow(self) -> str:
-        from trainkit.config import TrainConfig
-        from trainkit.data import DeviceBatches
+        from trainkit.config.schema import TrainConfig
+        from trainkit.data.device import DeviceBatches
         from trainkit.loop.trainer import Trainer
 
         device = torch.device(self.device)
@@ -280,8 +280,8 @@ class GpuCheck:
         return f"{processes} process(es), test loss {summary['test_loss']:.4f}"
 
     def oom_backoff(self) -> str:
-        from trainkit.config import TrainConfig
-        from trainkit.data import DeviceBatches
+        from trainkit.config.schema import TrainConfig
+        from trainkit.data.device import DeviceBatches
         from trainkit.loop.trainer import Trainer
 
         device = torch.device(self.device)
@@ -309,8 +309,8 @@ class GpuCheck:
         return f"batch {batch} ran in micro-batches of {trainer.micro_batch_size}, loss {history[-1]['train_loss']:.3f}"
 
     def auto_batch(self) -> str:
-        from trainkit.components import seeded_data_and_model, training_batches
-        from trainkit.config import TrainConfig
+        from trainkit.recipes.components import seeded_data_and_model, training_batches
+        from trainkit.config.schema import TrainConfig
         from trainkit.loop.trainer import Trainer
 
         device = torch.device(self.device)
@@ -343,7 +343,7 @@ class GpuCheck:
         return "phases " + ", ".join(wanted) + " reported"
 
     def export(self) -> str:
-        from trainkit.export import export_model
+        from trainkit.checkpoint.export import export_model
 
         checkpoint = self.out / "cnn-whole" / "checkpoints" / "best.pt"
         formats = ["torch-export"] + (["onnx"] if importable("onnxruntime") and importable("onnxscript") else [])

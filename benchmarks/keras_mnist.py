@@ -18,7 +18,7 @@ STARTED = time.perf_counter()
 from keras_models import OneCycle, compiled, keras, keras_model  # noqa: E402
 from time_to_accuracy import recipe_parser  # noqa: E402
 
-from trainkit.data import load_dataset  # noqa: E402
+from trainkit.recipes.images import load_dataset  # noqa: E402
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from time_to_accuracy import recipe_parser  # noqa: E402
-from trainkit.data import load_dataset  # noqa: E402
-from trainkit.init import init_weights  # noqa: E402
-from trainkit.models import build_model  # noqa: E402
+from trainkit.recipes.images import load_dataset  # noqa: E402
+from trainkit.nn.init import init_weights  # noqa: E402
+from trainkit.nn.models import build_model  # noqa: E402
 
 
 class Classifier(L.LightningModule):

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainkit.rundir import RunFolderBusy, is_locked, lock_run_folder, release_run_folder
+from trainkit.checkpoint.rundir import RunFolderBusy, is_locked, lock_run_folder, release_run_folder
 
 
 def poll(folder: Path, stop: Any) -> None:

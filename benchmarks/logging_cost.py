@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from trainkit import TrainConfig
-from trainkit.callbacks import Callback, TrainState
-from trainkit.run import train_run
+from trainkit.loop.callbacks import Callback, TrainState
+from trainkit.recipes.run import train_run
 
 VARIANTS = {"csv": ["csv"], "csv,tensorboard,mlflow": ["csv", "tensorboard", "mlflow"]}
 

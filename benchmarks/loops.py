@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches
-from trainkit.init import init_weights
-from trainkit.models import build_model
-from trainkit.optim import split_decay_parameters
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
+from trainkit.nn.init import init_weights
+from trainkit.nn.models import build_model
+from trainkit.optim.optimizers import split_decay_parameters
 from trainkit.loop.trainer import Trainer
 
 LR, WEIGHT_DECAY, CLIP_NORM = 1e-3, 0.01, 1.0

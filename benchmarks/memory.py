@@ -1,6 +1,6 @@
 """Memory and step time with and without gradient checkpointing, on CPU.
 
-Memory is read from the profiler's CPU allocation events (trainkit.memory.live_bytes): the
+Memory is read from the profiler's CPU allocation events (trainkit.loop.memory.live_bytes): the
 bytes of tensors allocated above the level before the measured code, event by event. It
 counts exactly what checkpointing changes (activations kept for backward) and nothing that
 it does not (torch's libraries, glibc's caches), unlike peak RSS. Three figures per case:
@@ -23,8 +23,8 @@ import time
 import torch
 from torch import nn
 
-from trainkit.memory import MiB, live_bytes, measure_step_memory, training_step
-from trainkit.models import cnn, enable_grad_checkpointing, mlp
+from trainkit.loop.memory import MiB, live_bytes, measure_step_memory, training_step
+from trainkit.nn.models import cnn, enable_grad_checkpointing, mlp
 
 CASES = {
     "cnn": ("CNN 32-64-128 (MNIST recipe)", 256, lambda: cnn()),

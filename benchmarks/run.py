@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loops import LOOPS, Workload, fresh_model, in_memory_loop, to_format, trainkit_loop  # noqa: E402
 
-from trainkit.data import load_dataset  # noqa: E402
+from trainkit.recipes.images import load_dataset  # noqa: E402
 
 EPOCH_IMAGES = 55_000
 
@@ -185,7 +185,7 @@ def limit_table(limits: list[dict]) -> str:
 
 
 def plot_loops(rows: list[dict], path: Path) -> None:
-    from trainkit.plots import plt
+    from trainkit.tracking.plots import plt
 
     groups = list(dict.fromkeys(r["group"] for r in rows))
     loops = list(dict.fromkeys(r["case"] for r in rows))

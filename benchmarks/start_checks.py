@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from trainkit.config import TrainConfig
-from trainkit.data import load_dataset
-from trainkit.memory import activation_bytes_per_sample
-from trainkit.components import build_model_from_config, data_fingerprint, model_memory
-from trainkit.rundir import lock_run_folder, release_run_folder
+from trainkit.config.schema import TrainConfig
+from trainkit.recipes.images import load_dataset
+from trainkit.loop.memory import activation_bytes_per_sample
+from trainkit.recipes.components import build_model_from_config, data_fingerprint, model_memory
+from trainkit.checkpoint.rundir import lock_run_folder, release_run_folder
 
 
 def median_seconds(work: Callable[[], object], repeats: int) -> tuple[float, float, float]:

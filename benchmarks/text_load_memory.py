@@ -1,4 +1,4 @@
-"""Peak memory of reading and encoding a text file (trainkit.text.data.load_text), above the
+"""Peak memory of reading and encoding a text file (trainkit.recipes.text.data.load_text), above the
 baseline after importing torch; run it under `ulimit -v` (docs/benchmarks.md, "Reliability, round three").
 
     python benchmarks/text_load_memory.py TEXT_FILE [char|byte|bpe]
@@ -13,7 +13,7 @@ import time
 
 import torch  # noqa: F401 - the baseline includes torch, as a run's does
 
-from trainkit.text.data import load_text
+from trainkit.recipes.text.data import load_text
 
 
 def peak_mib() -> float:

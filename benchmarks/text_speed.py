@@ -139,9 +139,9 @@ def run_once(key: str, nanogpt: Path | None) -> dict:
 
 
 def flops_per_token(config: dict) -> float:
-    """Training FLOPs per token of the run's Transformer (trainkit.text.models.training_flops_per_token)."""
-    from trainkit.config import config_from_dict
-    from trainkit.text.models import build_sequence_model, training_flops_per_token
+    """Training FLOPs per token of the run's Transformer (trainkit.recipes.text.models.training_flops_per_token)."""
+    from trainkit.config.files import config_from_dict
+    from trainkit.recipes.text.models import build_sequence_model, training_flops_per_token
 
     model = build_sequence_model(config_from_dict(config).resolved(), vocab_size=74)
     return training_flops_per_token(model, config["block_size"])

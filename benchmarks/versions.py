@@ -24,7 +24,10 @@ ONE_EPOCH = """
 import logging, sys
 sys.path.insert(0, {benchmarks!r})
 from loops import Workload, trainkit_loop
-from trainkit.data import load_dataset
+try:
+    from trainkit.recipes.images import load_dataset
+except ImportError:  # a tree from before the packages (issue 27)
+    from trainkit.data import load_dataset
 logging.getLogger("trainkit").setLevel(logging.ERROR)
 data = load_dataset("mnist", {data_dir!r}, val_size=5000, seed=0).train
 workload = Workload({model!r}, data.x[:{images}], data.y[:{images}], {batch}, channels_last={model!r} == "cnn")

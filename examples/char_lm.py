@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from trainkit.config import TrainConfig
-from trainkit.tasks import NextToken
+from trainkit.config.schema import TrainConfig
+from trainkit.tasks.kinds import NextToken
 from trainkit import Trainer
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "text" / "kjv.txt"

@@ -36,8 +36,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from trainkit.config import TrainConfig
-from trainkit.tasks import Classification
+from trainkit.config.schema import TrainConfig
+from trainkit.tasks.kinds import Classification
 from trainkit import Trainer
 
 PATTERNS = ("horizontal", "vertical", "checker")

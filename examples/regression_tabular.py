@@ -36,9 +36,9 @@ from sklearn.linear_model import Ridge
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from trainkit.callbacks import EarlyStopping
-from trainkit.config import TrainConfig
-from trainkit.tasks import Regression
+from trainkit.loop.callbacks import EarlyStopping
+from trainkit.config.schema import TrainConfig
+from trainkit.tasks.kinds import Regression
 from trainkit import Trainer
 
 

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from trainkit.config import TrainConfig
-from trainkit.tasks import Classification
+from trainkit.config.schema import TrainConfig
+from trainkit.tasks.kinds import Classification
 from trainkit import Trainer
 
 NUMBERS, CATEGORIES, CLASSES = 8, 6, 3

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from trainkit.config import TrainConfig
+from trainkit.config.schema import TrainConfig
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from trainkit.callbacks import Callback
-from trainkit.config import TrainConfig
-from trainkit.run import train_run
+from trainkit.loop.callbacks import Callback
+from trainkit.config.schema import TrainConfig
+from trainkit.recipes.run import train_run
 
 
 class CrashAtEpoch(Callback):

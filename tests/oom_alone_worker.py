@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from trainkit import distributed
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
 from trainkit.loop.trainer import Trainer
 
 

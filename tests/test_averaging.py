@@ -10,15 +10,15 @@ import torch
 from torch import nn
 
 from trainkit.loop.averaging import evaluation_weights
-from trainkit.callbacks import Callback, EarlyStopping
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches
+from trainkit.loop.callbacks import Callback, EarlyStopping
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
 from trainkit.errors import ConfigError
-from trainkit.optim import batch_scaled_lr
-from trainkit.run import train_run
-from trainkit.tasks import Classification, NextToken
+from trainkit.optim.optimizers import batch_scaled_lr
+from trainkit.recipes.run import train_run
+from trainkit.tasks.kinds import Classification, NextToken
 from trainkit.loop.trainer import Trainer
-from trainkit.tta import ShiftAveraged
+from trainkit.recipes.tta import ShiftAveraged
 
 
 def plain_config(**overrides) -> TrainConfig:

@@ -19,8 +19,11 @@ import pytest
 import torch
 import yaml
 
-from trainkit.cli import EXIT_UNVERIFIED, EXIT_USAGE, main
-from trainkit.config import TrainConfig, _matches, field_types, flag_name
+from trainkit.cli import main
+from trainkit.exits import EXIT_UNVERIFIED, EXIT_USAGE
+from trainkit.config.schema import _matches, field_types
+from trainkit.config.names import flag_name
+from trainkit.config.schema import TrainConfig
 
 FORMATS = ("toml", "yaml", "json")
 # Candidates of every kind a config file can hold; each field gets those its type does not allow.

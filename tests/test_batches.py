@@ -13,16 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from trainkit.batches import (
-    ACCEPTED_DATA,
-    DatasetBatches,
-    DeviceBatches,
-    EpochBatches,
-    LoaderBatches,
-    _SeededIndices,
-    as_epoch_batches,
-    batch_seed,
-)
+from trainkit.data.dataset import DatasetBatches, _SeededIndices, batch_seed
+from trainkit.data.device import DeviceBatches
+from trainkit.data.epochs import ACCEPTED_DATA, EpochBatches, as_epoch_batches
+from trainkit.data.loader import LoaderBatches
 from trainkit.errors import CheckpointError, ConfigError
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.callbacks import EarlyStopping, TrainState, clone_state_dict
+from trainkit.loop.callbacks import EarlyStopping, TrainState, clone_state_dict
 from trainkit.errors import ConfigError
 
 
@@ -114,7 +114,7 @@ def test_mode_auto_reads_the_direction_from_the_name():
 
 def test_two_stoppers_on_different_metrics_keep_their_own_state(tmp_path):
     """Checkpoint state is keyed per instance: neither overwrites the other on resume."""
-    from trainkit.callbacks import callback_keys
+    from trainkit.loop.callbacks import callback_keys
 
     by_loss, by_accuracy = EarlyStopping("val_loss", patience=3), EarlyStopping("val_accuracy", patience=3)
     run_epochs(by_loss, [1.0, 0.5, 0.7])

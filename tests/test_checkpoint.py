@@ -13,14 +13,8 @@ from torch import nn
 
 from trainkit.checkpoint import file as checkpoint_file
 from trainkit.checkpoint import store as checkpoint_store
-from trainkit.checkpoint import (
-    TRAILER_MAGIC,
-    CheckpointDir,
-    load_checkpoint,
-    model_sha256,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from trainkit.checkpoint.file import TRAILER_MAGIC, model_sha256, save_checkpoint
+from trainkit.checkpoint.store import CheckpointDir, load_checkpoint, verify_checkpoint
 from trainkit.errors import CheckpointError
 
 

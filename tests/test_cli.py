@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainkit.cli import EXIT_USAGE, main
-from trainkit.config import config_from_dict, load_config_file
+from trainkit.cli import main
+from trainkit.exits import EXIT_USAGE
+from trainkit.config.files import config_from_dict, load_config_file
 
 
 def test_train_then_evaluate_end_to_end_in_a_subprocess(tmp_path):

@@ -16,22 +16,14 @@ import pytest
 import torch
 import yaml
 
-from trainkit.cli import EXIT_USAGE
-from trainkit.config import (
-    MAX_CONFIG_BYTES,
-    MAX_CONFIG_DEPTH,
-    MAX_CONFIG_VALUES,
-    MAX_FLOAT_SETTING,
-    MAX_SHOWN_CHARS,
-    TrainConfig,
-    _matches,
-    config_from_dict,
-    field_types,
-    flag_name,
-    load_config_file,
-    recipe_config,
-)
-from trainkit.data import IDX_DATASETS, default_cache_dir, find_dataset_dir
+from trainkit.exits import EXIT_USAGE
+from trainkit.config.files import config_from_dict, load_config_file, recipe_config
+from trainkit.config.schema import _matches, field_types
+from trainkit.config.names import (
+    MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES, MAX_FLOAT_SETTING, MAX_SHOWN_CHARS, flag_name,
+)  # fmt: skip
+from trainkit.config.schema import TrainConfig
+from trainkit.recipes.images import IDX_DATASETS, default_cache_dir, find_dataset_dir
 from trainkit.errors import ConfigError, DataError
 from test_bad_input import run_main as run_cli, write_config
 

@@ -1,4 +1,4 @@
-"""Tests for trainkit.data: IDX parsing, dataset resolution, downloads, splits and batching.
+"""Tests for trainkit.data.idx and trainkit.recipes.images: IDX parsing, dataset resolution, downloads, splits and batching.
 
 No test touches the network: an autouse fixture points every registry mirror at a
 non-existent file:// folder and the cache at tmp_path.
@@ -16,17 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from trainkit import data
-from trainkit.data import (
-    DATASET_NAMES,
-    DeviceBatches,
-    default_cache_dir,
-    download_file,
-    find_dataset_dir,
-    load_dataset,
-    read_idx,
-    shift_images,
-)
+from trainkit.data import idx
+from trainkit.recipes import images
+from trainkit.choices import DATASET_NAMES
+from trainkit.data.device import DeviceBatches, shift_images
+from trainkit.data.idx import download_file, read_idx
+from trainkit.recipes.images import default_cache_dir, find_dataset_dir, load_dataset
 from trainkit.errors import ConfigError, DataError
 
 SHARED_DATASETS = Path(__file__).parents[1].parent / "shared/datasets"
@@ -93,9 +88,9 @@ def offline(tmp_path, monkeypatch):
     monkeypatch.delenv("TRAINKIT_DATA_DIR", raising=False)
     monkeypatch.delenv("TRAINKIT_OFFLINE", raising=False)  # safe: every mirror is a local file:// folder
     dead_mirror = (tmp_path / "no-such-mirror").as_uri() + "/"
-    for name, spec in list(data.IDX_DATASETS.items()):
-        monkeypatch.setitem(data.IDX_DATASETS, name, dataclasses.replace(spec, mirrors=(dead_mirror,)))
-    monkeypatch.setattr(data.time, "sleep", lambda seconds: None)
+    for name, spec in list(images.IDX_DATASETS.items()):
+        monkeypatch.setitem(images.IDX_DATASETS, name, dataclasses.replace(spec, mirrors=(dead_mirror,)))
+    monkeypatch.setattr(idx.time, "sleep", lambda seconds: None)
     # These tensors are tiny: one thread avoids intra-op thread-pool overhead, which on a
     # busy 2-core machine made the training test 100x slower.
     threads = torch.get_num_threads()
@@ -457,21 +452,21 @@ def test_failed_download_lists_urls_and_where_to_put_files():
     with pytest.raises(DataError) as info:
         find_dataset_dir("fashion-mnist")
     message = str(info.value)
-    assert data.IDX_DATASETS["fashion-mnist"].urls(data.IDX_DATASETS["fashion-mnist"].train_images)[0] in message
+    assert images.IDX_DATASETS["fashion-mnist"].urls(images.IDX_DATASETS["fashion-mnist"].train_images)[0] in message
     assert str(default_cache_dir() / "fashion-mnist") in message
     assert not any((default_cache_dir() / "fashion-mnist").iterdir())
 
 
 def test_download_into_cache_from_mirror(tmp_path, monkeypatch):
     mirror = write_tiny_dataset(tmp_path / "mirror", n_train=20)
-    spec = data.IDX_DATASETS["mnist"]
+    spec = images.IDX_DATASETS["mnist"]
     files = [dataclasses.replace(f, md5=md5_of(mirror / f.name)) for f in spec.files]
     patched = dataclasses.replace(
         spec,
         mirrors=((tmp_path / "down").as_uri(), mirror.as_uri() + "/"),
         train_images=files[0], train_labels=files[1], test_images=files[2], test_labels=files[3],
     )
-    monkeypatch.setitem(data.IDX_DATASETS, "mnist", patched)
+    monkeypatch.setitem(images.IDX_DATASETS, "mnist", patched)
     splits = load_dataset("mnist", val_size=5)
     cache = default_cache_dir() / "mnist"
     assert sorted(p.name for p in cache.iterdir()) == sorted(FILE_NAMES)
@@ -510,7 +505,7 @@ def test_download_file_md5_mismatch_then_second_mirror(tmp_path, payload):
 
 def test_download_file_all_fail_leaves_nothing(tmp_path, payload, monkeypatch):
     sleeps: list[float] = []
-    monkeypatch.setattr(data.time, "sleep", sleeps.append)
+    monkeypatch.setattr(idx.time, "sleep", sleeps.append)
     dest = tmp_path / "out" / "file.bin"
     missing = payload.with_name("missing.bin").as_uri()
     with pytest.raises(DataError) as info:

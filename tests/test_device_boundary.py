@@ -28,16 +28,21 @@ import torch
 from torch import nn
 
 from crashes import CrashAtEpoch
-from trainkit import devices, distributed, memory
-from trainkit.callbacks import Callback
-from trainkit.checkpoint import CheckpointDir, load_checkpoint, model_sha256, save_checkpoint
-from trainkit.config import TrainConfig, recipe_config
-from trainkit.data import DeviceBatches
+from trainkit import devices, distributed
+from trainkit.loop import memory
+from trainkit.loop.callbacks import Callback
+from trainkit.checkpoint.file import model_sha256, save_checkpoint
+from trainkit.checkpoint.store import CheckpointDir, load_checkpoint
+from trainkit.config.files import recipe_config
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
 from trainkit.errors import ConfigError, TrainkitError
-from trainkit.loggers import RunLogger
-from trainkit.run import evaluate_checkpoint, export_checkpoint, generate_from_checkpoint, resume_config, train_run
+from trainkit.tracking.loggers import RunLogger
+from trainkit.recipes.from_checkpoint import evaluate_checkpoint, export_checkpoint, generate_from_checkpoint
+from trainkit.recipes.resume import resume_config
+from trainkit.recipes.run import train_run
 from trainkit.loop.trainer import Trainer
-from trainkit.strategies import DataParallel
+from trainkit.distributed.strategies import DataParallel
 
 RUN_DEVICE = "cpu:0"  # the same memory as the host, another device name: what cuda:0 is to a GPU host
 
@@ -274,7 +279,7 @@ def test_a_grad_scaler_that_is_not_one_is_refused_in_one_line():
 @pytest.fixture(scope="module")
 def fp16_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """An image run's and a text run's checkpoint, relabelled as trained with --precision fp16 (a CUDA run's)."""
-    from trainkit.text.data import TextData  # noqa: F401 - the text recipe
+    from trainkit.recipes.text.data import TextData  # noqa: F401 - the text recipe
 
     folder = tmp_path_factory.mktemp("fp16")
     corpus = folder / "corpus.txt"
@@ -495,7 +500,7 @@ def test_under_ddp_a_rank_that_ran_out_alone_or_mid_reduction_stops_the_run_in_o
 
 
 class FakeMemory:
-    """A CUDA device's readings for trainkit.memory: ``free`` bytes, and a step peak of ``per_row``
+    """A CUDA device's readings for trainkit.loop.memory: ``free`` bytes, and a step peak of ``per_row``
     bytes a row of the batch tried (``rows``, set as the search slices its inputs)."""
 
     def __init__(self, free: int, per_row: int) -> None:
@@ -606,7 +611,7 @@ def test_the_deterministic_and_tf32_flags_reach_the_config(tmp_path):
 
 # ------------------------------------------------------------------ 7. the rest
 def test_sync_batchnorm_keeps_the_text_models_time_major_transpose():
-    from trainkit.text.models import TokenBatchNorm
+    from trainkit.recipes.text.models import TokenBatchNorm
 
     x = torch.randn(4, 5, 8)  # (batch, time, channels): time != channels, so a lost transpose fails
     for device in ("cpu", "cuda"):  # GlobalBatchNorm (gloo) and torch's SyncBatchNorm
@@ -618,7 +623,7 @@ def test_sync_batchnorm_keeps_the_text_models_time_major_transpose():
 
 
 def test_an_export_of_a_model_elsewhere_runs_on_a_host_copy(monkeypatch, tmp_path):
-    from trainkit import export
+    from trainkit.checkpoint import export
 
     model = nn.Sequential(nn.Linear(4, 3))
     rebuilt = []

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.diagnostics import signal_diagnostics
-from trainkit.init import init_weights
-from trainkit.layers import IdentityActivation
-from trainkit.models import mlp
+from trainkit.nn.diagnostics import signal_diagnostics
+from trainkit.nn.init import init_weights
+from trainkit.nn.layers import IdentityActivation
+from trainkit.nn.models import mlp
 
 
 def sum_of_outputs(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -29,13 +29,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainkit.checkpoint import CHECKPOINT_NAME, load_checkpoint, verify_checkpoint
-from trainkit.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches
+from trainkit.checkpoint.store import CHECKPOINT_NAME, load_checkpoint, verify_checkpoint
+from trainkit.checkpoint.signals import EXIT_INTERRUPTED
+from trainkit.cli import main
+from trainkit.exits import EXIT_USAGE
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
 from trainkit.distributed import resolve_strategy
 from trainkit.errors import ConfigError
-from trainkit.run import check_ddp_settings
+from trainkit.recipes.run import check_ddp_settings
 
 RUN = ["--dataset", "synthetic", "--epochs", "2", "--batch-size", "64", "--device", "cpu",
        "--train-size", "999", "--val-size", "200", "--patience", "0"]  # fmt: skip
@@ -253,7 +255,7 @@ def test_sync_batchnorm_gives_two_processes_the_statistics_of_one_process_over_t
 def test_only_rank_0_writes_files(single_run, ddp_run):
     assert files_in(ddp_run) == files_in(single_run)  # no rank-1 duplicates, no leftover temp files
     hidden = [name for name in files_in(ddp_run) if name.rsplit("/", 1)[-1].startswith(".")]
-    assert hidden == [".lock"]  # the run folder's lock (trainkit.rundir), no leftover temp files
+    assert hidden == [".lock"]  # the run folder's lock (trainkit.checkpoint.rundir), no leftover temp files
     assert (ddp_run / ".lock").read_text().strip() != ""  # rank 0 took it
     assert len(history_rows(ddp_run)) == 2  # one row per epoch, not one per rank
     assert json.loads((ddp_run / "config.json").read_text())["strategy"] == "ddp"

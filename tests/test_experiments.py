@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from trainkit.experiments import COMPARED_SCHEDULES, compare_schedules
+from trainkit.experiments.schedules import COMPARED_SCHEDULES, compare_schedules
 
 from experiment_checks import assert_rerun_recomputes_only
 
@@ -28,7 +28,7 @@ def test_quick_schedule_comparison_writes_every_cell_and_reuses_the_cache(tmp_pa
 
 
 def test_a_changed_config_invalidates_the_cached_cell(tmp_path, caplog):
-    from trainkit.config import TrainConfig
+    from trainkit.config.schema import TrainConfig
     from trainkit.experiments.core import Cell, run_cells
 
     calls = []

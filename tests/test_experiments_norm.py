@@ -11,11 +11,12 @@ import shutil
 import pytest
 import torch
 
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches, load_dataset
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
+from trainkit.recipes.images import load_dataset
 from trainkit.errors import ConfigError
 from trainkit.experiments.norm import BASE_LR, BATCH_SIZES, NORMS_BY_MODEL, compare_norm, eval_mode_pitfall, scaled_lr
-from trainkit.models import cnn, mlp
+from trainkit.nn.models import cnn, mlp
 from trainkit.loop.trainer import Trainer
 
 from experiment_checks import assert_rerun_recomputes_only

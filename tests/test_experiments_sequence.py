@@ -62,7 +62,7 @@ def test_quick_transformer_init_comparison_measures_the_residual_stream(tmp_path
 
 def test_quick_sequence_norm_comparison_runs_every_norm_in_both_models(tmp_path):
     from trainkit.experiments.sequence_norm import compare_sequence_norm
-    from trainkit.text.models import SEQUENCE_NORMS
+    from trainkit.choices import SEQUENCE_NORMS
 
     rows = compare_sequence_norm(tmp_path / "norm", quick=True)
     assert {(r["model"], r["norm"]) for r in rows} == {("transformer", n) for n in SEQUENCE_NORMS}

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from trainkit.cli import main
-from trainkit.config import TrainConfig, recipe_config
+from trainkit.config.files import recipe_config
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import TrainkitError
-from trainkit.export import load_safetensors
-from trainkit.run import checkpoint_model, export_checkpoint, train_run
+from trainkit.checkpoint.export import load_safetensors
+from trainkit.recipes.from_checkpoint import checkpoint_model, export_checkpoint
+from trainkit.recipes.run import train_run
 
 RUNS = {
     "mlp": dict(dataset="synthetic", epochs=1, batch_size=64, device="cpu", hidden=[32], plots=False),
@@ -63,7 +65,7 @@ def test_each_format_is_verified_and_then_runs_on_its_own_at_another_batch_size(
 
 
 def test_an_export_that_does_not_reproduce_the_model_is_refused_and_removed(checkpoints, tmp_path, monkeypatch):
-    import trainkit.export as export_module
+    import trainkit.checkpoint.export as export_module
 
     real = export_module.load_safetensors
     monkeypatch.setattr(export_module, "load_safetensors",
@@ -112,7 +114,7 @@ def test_an_export_never_replaces_the_checkpoint_or_a_run_file_and_asks_before_r
     """The review's D1: `export CKPT --out CKPT` replaced the checkpoint with the export, exit 0."""
     import shutil
 
-    from trainkit.checkpoint import verify_checkpoint
+    from trainkit.checkpoint.store import verify_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(checkpoints["mlp"].parents[1], run)

@@ -1,4 +1,4 @@
-"""--strategy fsdp (trainkit.fsdp) and sharded checkpoints (trainkit.checkpoint.sharded): real 2-process
+"""--strategy fsdp (trainkit.distributed.fsdp) and sharded checkpoints (trainkit.checkpoint.sharded): real 2-process
 gloo runs on CPU, with the helpers and settings of test_distributed.
 
 FSDP vs DDP vs one process: the same global batches; FSDP reduce-scatters what DDP all-reduces,
@@ -25,11 +25,13 @@ from test_distributed import (
     EXACT, RESUMABLE, RUN, STEPS, SYNC_BN_ATOL, TORCHRUN_ENV, WORLD_CHANGE_RTOL, free_port, history_rows,
     max_abs_difference, torchrun, weights, without_timing,
 )  # fmt: skip
-from trainkit.checkpoint import load_checkpoint, model_sha256, verify_checkpoint
-from trainkit.cli import EXIT_USAGE, main
-from trainkit.config import TrainConfig
+from trainkit.checkpoint.file import model_sha256
+from trainkit.checkpoint.store import load_checkpoint, verify_checkpoint
+from trainkit.cli import main
+from trainkit.exits import EXIT_USAGE
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
-from trainkit.fsdp import check_offload, shard_units
+from trainkit.distributed.fsdp import check_offload, shard_units
 
 FSDP_ATOL = 1e-6
 CLIPPED = ["--clip-norm", "0.1"]  # every step clipped: the norm of sharded gradients is all-reduced

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from trainkit.callbacks import Callback
-from trainkit.config import TrainConfig
+from trainkit.loop.callbacks import Callback
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
-from trainkit.tasks import MultiLabel, NextToken, Regression, StepOutput, Task
+from trainkit.tasks.base import StepOutput, Task
+from trainkit.tasks.kinds import MultiLabel, NextToken, Regression
 from trainkit.loop.trainer import Trainer
 
 LOOP = dict(device="cpu", patience=0, clip_norm=None, schedule="constant", epochs=2, batch_size=16)
@@ -111,7 +112,7 @@ def test_two_input_batches_train_exactly_like_one_concatenated_input(kind):
 
 
 def test_micro_batch_splitting_cuts_every_tensor_of_a_dict_batch():
-    from trainkit.runtime import split_batch
+    from trainkit.data.runtime import split_batch
 
     batch = {"left": torch.arange(10).reshape(5, 2), "scale": torch.tensor(2.0), "name": "x", "targets": torch.arange(5)}
     pieces = split_batch(batch, 2)
@@ -392,7 +393,7 @@ TIMING = ("epoch_seconds", "samples_per_second")
 def test_a_run_with_max_steps_and_val_every_steps_resumes_exactly_from_a_mid_epoch_checkpoint(tmp_path):
     """Killed at step 5 (after the step-4 validation point and its checkpoint), resumed from the
     newest checkpoint: the same rows, best epoch and final weights as the uninterrupted run."""
-    from trainkit.checkpoint import CheckpointDir
+    from trainkit.checkpoint.store import CheckpointDir
 
     settings = config(max_steps=10, val_every_steps=4, epochs=None, checkpoint_every_steps=2)
     data, val = PairDataset(classification_data(), "dict"), classification_data(seed=1)
@@ -414,7 +415,7 @@ def test_import_trainkit_is_light_and_the_trainer_does_not_load_the_mnist_recipe
     import subprocess
     import sys
 
-    recipe = ("trainkit.data", "trainkit.models", "trainkit.layers", "trainkit.init", "trainkit.run")
+    recipe = ("trainkit.recipes", "trainkit.recipes.images", "trainkit.nn.models", "trainkit.nn.layers", "trainkit.nn.init")
     code = ("import sys, trainkit; assert 'torch' not in sys.modules; "
             "from trainkit import Trainer, TrainConfig, Callback, EarlyStopping; "
             f"loaded = [m for m in {recipe!r} if m in sys.modules]; assert not loaded, loaded; print(Trainer.__name__)")  # fmt: skip
@@ -459,7 +460,7 @@ def test_batches_the_task_cannot_unpack_are_one_line_errors(batch, message):
 
 
 def test_a_missing_target_key_and_an_unknown_loss_name_are_named():
-    from trainkit.tasks import named_loss
+    from trainkit.tasks.kinds import named_loss
 
     trainer = Trainer(small_classifier(), config(), task=Task(nn.CrossEntropyLoss(), target_key="label_ids"))
     with pytest.raises(ConfigError, match="the batch has no 'label_ids' \\(target_key\\); its keys: inputs, targets"):

@@ -8,16 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.config import TrainConfig
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
-from trainkit.models import (
-    CheckpointedSequential,
-    block_segments,
-    cnn,
-    enable_grad_checkpointing,
-    mlp,
-    residual_mlp,
-)
+from trainkit.nn.models import (
+    CheckpointedSequential, block_segments, cnn, enable_grad_checkpointing, mlp, residual_mlp,
+)  # fmt: skip
 
 MODELS = {
     "mlp": lambda: mlp(784, (64, 32), norm="batch", dropout=0.3),
@@ -102,8 +97,8 @@ def test_rejects_models_that_are_not_sequential():
 
 
 def test_config_flag_builds_a_checkpointed_model():
-    from trainkit.data import load_dataset
-    from trainkit.components import build_model_from_config
+    from trainkit.recipes.images import load_dataset
+    from trainkit.recipes.components import build_model_from_config
 
     data = load_dataset("synthetic", None, val_size=100, seed=0, device=torch.device("cpu"))
     config = TrainConfig(dataset="synthetic", grad_checkpointing=True).resolved()

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from trainkit.errors import ConfigError
-from trainkit.init import INIT_SCHEMES, init_weights, resolve_auto_scheme
-from trainkit.layers import Residual
-from trainkit.models import cnn, mlp, residual_mlp
+from trainkit.nn.init import INIT_SCHEMES, init_weights, resolve_auto_scheme
+from trainkit.nn.layers import Residual
+from trainkit.nn.models import cnn, mlp, residual_mlp
 
 FAN_IN, FAN_OUT = 1000, 500
 

@@ -3,19 +3,9 @@ import torch
 from torch import nn
 
 from trainkit.errors import ConfigError
-from trainkit.layers import (
-    ACTIVATIONS,
-    NORMS,
-    Dropout,
-    DropPath,
-    IdentityActivation,
-    Residual,
-    activation_layer,
-    activation_name,
-    group_count,
-    keep_mask,
-    norm_layer,
-)
+from trainkit.nn.layers import (
+    ACTIVATIONS, NORMS, Dropout, DropPath, IdentityActivation, Residual, activation_layer, activation_name, group_count, keep_mask, norm_layer,
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------- activations

@@ -13,8 +13,8 @@ import pytest
 from test_reliability import trainkit
 
 from trainkit.errors import ConfigError
-from trainkit.loggers import check_loggers
-from trainkit.run import train_run
+from trainkit.tracking.loggers import check_loggers
+from trainkit.recipes.run import train_run
 
 needs_backends = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("tensorboard", "mlflow")),

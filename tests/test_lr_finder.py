@@ -12,19 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.data import DeviceBatches, load_dataset
+from trainkit.data.device import DeviceBatches
+from trainkit.recipes.images import load_dataset
 from trainkit.errors import ConfigError, TrainkitError
-from trainkit.lr_finder import (
-    LRFinderResult,
-    lr_find,
-    smooth_losses,
-    suggest_lrs,
-    suggest_minimum_div_10,
-    suggest_steepest,
-    suggest_valley,
-    sweep_lrs,
-)
-from trainkit.models import mlp
+from trainkit.optim.lr_finder import (
+    LRFinderResult, lr_find, smooth_losses, suggest_lrs, suggest_minimum_div_10, suggest_steepest, suggest_valley, sweep_lrs,
+)  # fmt: skip
+from trainkit.nn.models import mlp
 
 # ------------------------------------------------------------------------------- helpers
 

@@ -10,25 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit import memory
+from trainkit.loop import memory
 from trainkit.cli import build_parser, train_config_from_args
-from trainkit.config import TrainConfig
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError, TrainkitError
-from trainkit.memory import (
-    MAX_AUTO_BATCH,
-    MemoryEstimate,
-    MiB,
-    StepMemory,
-    activation_bytes_per_sample,
-    check_model_fits,
-    estimate_training_memory,
-    find_batch_size,
-    find_batch_size_by_trial,
-    largest_fitting_power_of_two,
-    measure_step_memory,
-    predicted_peak,
-)
-from trainkit.models import enable_grad_checkpointing, mlp
+from trainkit.loop.memory import (
+    MAX_AUTO_BATCH, MemoryEstimate, MiB, StepMemory, activation_bytes_per_sample, check_model_fits, estimate_training_memory, find_batch_size, find_batch_size_by_trial, largest_fitting_power_of_two, measure_step_memory, predicted_peak,
+)  # fmt: skip
+from trainkit.nn.models import enable_grad_checkpointing, mlp
 
 
 def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +98,7 @@ class OutOfMemoryAbove(nn.Module):
 
 class HostMemory:
     """The CUDA search's memory readings, measured on the CPU: ``free`` bytes as given, a step's peak
-    above its start from the allocator events (trainkit.memory.live_bytes)."""
+    above its start from the allocator events (trainkit.loop.memory.live_bytes)."""
 
     def __init__(self, free: int) -> None:
         self.free_bytes = free
@@ -166,7 +155,7 @@ def test_checkpointing_lowers_the_measured_activation_memory():
 
 
 def test_train_run_saves_the_resolved_batch_size(synthetic_config, caplog):
-    from trainkit.run import train_run
+    from trainkit.recipes.run import train_run
 
     config = synthetic_config(batch_size="auto", memory_budget=0.02, epochs=1, model="mlp", hidden=[64])
     with caplog.at_level(logging.INFO, logger="trainkit"):

@@ -1,4 +1,4 @@
-"""trainkit.metrics: values by hand, accumulation, one reduce, no host sync, resume."""
+"""trainkit.tasks.metrics: values by hand, accumulation, one reduce, no host sync, resume."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainkit import metrics as metrics_module
+from trainkit.tasks import metrics as metrics_module
 from trainkit.errors import CheckpointError, ConfigError
-from trainkit.metrics import (
-    BUILTIN_METRICS, Accuracy, ExactMatch, F1Score, FunctionMetric, MeanAbsoluteError, MeanSquaredError, Metric,
-    MetricSet, R2Score, TokenAccuracy, TorchMetric, as_metric,
+from trainkit.tasks.metrics import (
+    BUILTIN_METRICS, Accuracy, ExactMatch, F1Score, FunctionMetric, MeanAbsoluteError, MeanSquaredError, Metric, MetricSet, R2Score, TokenAccuracy, TorchMetric, as_metric,
 )  # fmt: skip
 
 

@@ -3,16 +3,8 @@ import torch
 from torch import nn
 
 from trainkit.errors import ConfigError
-from trainkit.layers import Dropout, DropPath, Residual
-from trainkit.models import (
-    MODEL_NAMES,
-    build_model,
-    cnn,
-    drop_path_rates,
-    mlp,
-    model_activation,
-    residual_mlp,
-)
+from trainkit.nn.layers import Dropout, DropPath, Residual
+from trainkit.nn.models import MODEL_NAMES, build_model, cnn, drop_path_rates, mlp, model_activation, residual_mlp
 
 
 def n_params(model: nn.Module) -> int:
@@ -234,9 +226,9 @@ def test_mlp_norm_after_dropout_reorders_each_block():
 
 
 def test_the_cnn_channels_setting_builds_those_stages_and_is_refused_for_other_models():
-    from trainkit.components import build_architecture
-    from trainkit.config import TrainConfig
-    from trainkit.data import load_dataset
+    from trainkit.recipes.components import build_architecture
+    from trainkit.config.schema import TrainConfig
+    from trainkit.recipes.images import load_dataset
 
     data = load_dataset("synthetic")
     model = build_architecture(TrainConfig(dataset="synthetic", model="cnn", channels=[8, 16]).resolved(), data)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
 from trainkit.errors import TrainkitError
 from trainkit.loop.steps import split_micro_batches
 from trainkit.loop.trainer import Trainer

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainkit.errors import ConfigError
-from trainkit.models import cnn, mlp
-from trainkit.optim import build_optimizer, split_decay_parameters
+from trainkit.nn.models import cnn, mlp
+from trainkit.optim.optimizers import build_optimizer, split_decay_parameters
 
 
 def names(model, params):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from trainkit.cli import main
-from trainkit.config import TrainConfig
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
 from trainkit.profiling import PHASES, ProfileResult, profile_training
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from trainkit.checkpoint import CHECKPOINT_NAME, verify_checkpoint
-from trainkit.cli import EXIT_INTERRUPTED
+from trainkit.checkpoint.store import CHECKPOINT_NAME, verify_checkpoint
+from trainkit.checkpoint.signals import EXIT_INTERRUPTED
 
 # synthetic: 3200 training images / batch 64 = 50 optimizer steps per epoch, 3 epochs. The
 # thread count is pinned: CPU kernels split their sums by it, so runs that got different thread

@@ -17,14 +17,15 @@ import torch
 
 from crashes import crash
 
-from trainkit.callbacks import Callback
-from trainkit.checkpoint import CheckpointDir, encode, load_checkpoint
-from trainkit.cli import EXIT_UNVERIFIED, EXIT_USAGE, main
+from trainkit.loop.callbacks import Callback
+from trainkit.checkpoint.file import encode
+from trainkit.checkpoint.store import CheckpointDir, load_checkpoint
+from trainkit.cli import main
+from trainkit.exits import EXIT_UNVERIFIED, EXIT_USAGE
 from trainkit.errors import CheckpointError, ConfigError
-from trainkit.run import (
-    OLDER_FINGERPRINT, describe_data_change, fingerprint_differences, resolve_auto_lr, resume_config, train_run,
-)  # fmt: skip
-from trainkit.components import data_fingerprint
+from trainkit.recipes.resume import OLDER_FINGERPRINT, describe_data_change, fingerprint_differences, resume_config
+from trainkit.recipes.run import resolve_auto_lr, train_run  # fmt: skip
+from trainkit.recipes.components import data_fingerprint
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mnist"
 
@@ -38,7 +39,7 @@ def flip_a_byte(path: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
     """An uninterrupted 3-epoch synthetic run (checkpoints every 20 steps) and its summary."""
-    from trainkit.config import TrainConfig
+    from trainkit.config.schema import TrainConfig
 
     out = tmp_path_factory.mktemp("reference") / "run"
     config = TrainConfig(dataset="synthetic", epochs=3, batch_size=64, device="cpu", patience=0,
@@ -69,7 +70,7 @@ def test_resume_on_other_images_with_the_same_labels_and_histogram_is_refused(sy
 
 
 def test_the_fingerprint_names_each_part_that_differs(synthetic_config):
-    from trainkit.data import load_dataset
+    from trainkit.recipes.images import load_dataset
 
     data = load_dataset("synthetic", seed=0)
     saved = data_fingerprint(data)
@@ -254,7 +255,7 @@ def test_a_run_that_stopped_early_resumes_without_training_more_epochs(synthetic
 
 
 def test_a_setting_an_older_checkpoint_predates_counts_as_its_default():
-    from trainkit.run import config_differences
+    from trainkit.recipes.resume import config_differences
 
     saved = {"lr": 1e-3}  # written before sync_batchnorm existed
     assert config_differences(saved, {"lr": 1e-3, "sync_batchnorm": False}) == []
@@ -299,8 +300,8 @@ def test_lr_find_refuses_a_run_folder_whose_lr_find_json_a_run_resumes_with(refe
 
 def test_two_runs_without_out_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     """The review's A9: a sweep script's runs must not collide on runs/<dataset>-<model>-<time>."""
-    from trainkit.config import TrainConfig
-    from trainkit.run import default_out_dir
+    from trainkit.config.schema import TrainConfig
+    from trainkit.recipes.run import default_out_dir
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("time.strftime", lambda _: "20261207-173507")

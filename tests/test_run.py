@@ -14,9 +14,11 @@ import torch
 from crashes import CrashAtEpoch
 from safetensors.torch import load_file
 
-from trainkit.checkpoint import all_finite, load_checkpoint, model_sha256, verify_checkpoint
+from trainkit.checkpoint.file import all_finite, model_sha256
+from trainkit.checkpoint.store import load_checkpoint, verify_checkpoint
 from trainkit.errors import CheckpointError, ConfigError, NonFiniteLossError, OutputError
-from trainkit.run import resume_config, train_run
+from trainkit.recipes.resume import resume_config
+from trainkit.recipes.run import train_run
 
 
 def test_run_writes_every_artifact_and_learns(synthetic_config, tmp_path):
@@ -164,7 +166,7 @@ def test_a_failed_best_save_is_reported_as_such_and_best_safetensors_never_lies(
 
 
 def test_a_full_disk_at_export_is_one_error_and_resume_finishes_the_job(synthetic_config, tmp_path, monkeypatch):
-    from trainkit import run as run_module
+    from trainkit.recipes import outputs as run_module
 
     real_export = run_module.export_safetensors
 
@@ -247,7 +249,7 @@ def test_numpy_rng_state_round_trips_through_a_checkpoint():
 
 
 def test_training_after_the_lr_finder_is_bit_identical_to_training_without_it(synthetic_config, tmp_path, monkeypatch):
-    import trainkit.run as run_module
+    import trainkit.recipes.run as run_module
 
     plain = train_run(synthetic_config(out=str(tmp_path / "plain"), lr=2e-3))
     real_finder = run_module.resolve_auto_lr

@@ -16,17 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from trainkit.checkpoint import CheckpointDir
-from trainkit.cli import EXIT_USAGE
+from trainkit.checkpoint.store import CheckpointDir
+from trainkit.exits import EXIT_USAGE
 from trainkit.errors import ConfigError
-from trainkit.rundir import (
-    RunFolderBusy,
-    holding_run_folder,
-    lock_run_folder,
-    release_run_folder,
-    remove_stale_temp_files,
-    temp_path,
-)
+from trainkit.checkpoint.rundir import (
+    RunFolderBusy, holding_run_folder, lock_run_folder, release_run_folder, remove_stale_temp_files, temp_path,
+)  # fmt: skip
 
 RUN = ["--dataset", "synthetic", "--epochs", "3", "--batch-size", "64", "--device", "cpu",
        "--checkpoint-every-steps", "10"]  # fmt: skip
@@ -96,7 +91,7 @@ def test_the_lock_is_reentrant_in_one_process_and_exclusive_between_processes(tm
         with holding_run_folder(out):  # train_run holds it, then Trainer.fit asks again
             pass
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from pathlib import Path; from trainkit.rundir import lock_run_folder;"
+            [sys.executable, "-c", "import sys; from pathlib import Path; from trainkit.checkpoint.rundir import lock_run_folder;"
              f"lock_run_folder(Path({str(out)!r}))"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -192,8 +187,8 @@ def test_temp_clean_up_never_touches_the_users_own_tmp_files_or_folders(tmp_path
 
 def test_a_run_into_a_folder_of_the_users_keeps_the_users_tmp_files(tmp_path, pids):
     """K1, end to end: `trainkit train --out DIR` on a folder of the user's own."""
-    from trainkit.config import TrainConfig
-    from trainkit.run import train_run
+    from trainkit.config.schema import TrainConfig
+    from trainkit.recipes.run import train_run
 
     _, dead_pid = pids
     files = users_files(tmp_path, dead_pid)
@@ -237,7 +232,7 @@ def test_a_lock_attempt_outwaits_a_momentary_holder_and_not_a_lasting_one(tmp_pa
     holder.wait()
 
 
-POLL = ("import sys; from pathlib import Path; from trainkit.rundir import is_locked\n"
+POLL = ("import sys; from pathlib import Path; from trainkit.checkpoint.rundir import is_locked\n"
         "out, stop = map(Path, sys.argv[1:]); print('polling', flush=True)\n"
         "while not stop.exists():\n    for _ in range(100): is_locked(out)")  # fmt: skip
 

@@ -11,16 +11,16 @@ import subprocess
 import pytest
 
 from trainkit.errors import ConfigError
-from trainkit.report import build_report, curve_svg, write_report
-from trainkit.rundir import holding_run_folder
-from trainkit.run import train_run
-from trainkit.runs import find_runs, read_history, read_run, runs_table
+from trainkit.tracking.report import build_report, curve_svg, write_report
+from trainkit.checkpoint.rundir import holding_run_folder
+from trainkit.recipes.run import train_run
+from trainkit.tracking.runs import find_runs, read_history, read_run, runs_table
 
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
     """A finished run at lr 1e-3, one at 3e-3, and an interrupted one (its summary removed)."""
-    from trainkit.config import TrainConfig
+    from trainkit.config.schema import TrainConfig
 
     root = tmp_path_factory.mktemp("runs")
     for name, lr in (("a", 1e-3), ("b", 3e-3), ("c", 1e-3)):
@@ -80,7 +80,7 @@ def test_headless_chromium_renders_the_report_with_its_plots(three_runs, tmp_pat
 
 
 def test_a_refused_start_on_a_finished_run_does_not_mark_that_run_failed(three_runs):
-    from trainkit.config import TrainConfig
+    from trainkit.config.schema import TrainConfig
 
     with pytest.raises(ConfigError, match="already holds a run"):
         train_run(TrainConfig(dataset="synthetic", epochs=2, device="cpu", out=str(three_runs / "a")))
@@ -148,7 +148,7 @@ def test_a_folder_name_that_is_mathtext_is_drawn_literally(three_runs, tmp_path)
 
 def test_plot_history_draws_mathtext_like_metric_names_literally(tmp_path):
     """F7 in the run's own plots: a user's metric named like mathtext."""
-    from trainkit.plots import plot_history
+    from trainkit.tracking.plots import plot_history
 
     history = [{"epoch": e, "train_a$\\frac{1}$b": 0.5 / e, "val_a$\\frac{1}$b": 0.6 / e, "lr": 1e-3} for e in (1, 2)]
     written = plot_history(history, tmp_path)
@@ -182,7 +182,7 @@ def test_a_long_history_makes_a_small_report_with_its_extremes_kept(three_runs, 
     history = read_history(folder / "history.csv")
     assert len(history) == 50_000 and history.columns["val_loss"].nbytes == 8 * 50_000  # 8 bytes a cell
 
-    from trainkit.plots import MAX_POINTS, downsampled
+    from trainkit.tracking.plots import MAX_POINTS, downsampled
 
     xs, ys = downsampled(*history.points("val_loss"))
     assert len(xs) <= MAX_POINTS and list(xs[[0, -1]]) == [1, 50_000]

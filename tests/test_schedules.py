@@ -9,15 +9,9 @@ import pytest
 import torch
 
 from trainkit.errors import ConfigError
-from trainkit.schedules import (
-    SCHEDULE_NAMES,
-    PlateauSchedule,
-    ScheduleSpec,
-    build_scheduler,
-    lr_curve,
-    plot_schedules,
-    scale_learning_rate,
-)
+from trainkit.optim.schedules import (
+    SCHEDULE_NAMES, PlateauSchedule, ScheduleSpec, build_scheduler, lr_curve, plot_schedules, scale_learning_rate,
+)  # fmt: skip
 
 PEAK = 1e-3
 STEPS_PER_EPOCH = 5

@@ -1,4 +1,4 @@
-"""trainkit.strategies: how a step runs across processes, behind one interface the Trainer calls at
+"""trainkit.distributed.strategies: how a step runs across processes, behind one interface the Trainer calls at
 named points. The DDP and FSDP strategies run for real in test_distributed.py and test_fsdp.py
 (2 processes, against single-process references); here, one process and a user's own."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.checkpoint import model_sha256
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches
+from trainkit.checkpoint.file import model_sha256
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
 from trainkit.errors import ConfigError
-from trainkit.strategies import Strategy, make_strategy
+from trainkit.distributed.strategies import Strategy, make_strategy
 from trainkit.loop.trainer import Trainer
 
 
@@ -77,5 +77,5 @@ def test_the_loop_calls_its_strategy_at_each_step_and_a_users_own_changes_nothin
 
 
 def test_a_strategy_that_is_not_one_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match="strategy must be a trainkit.strategies.Strategy, got str"):
+    with pytest.raises(ConfigError, match="strategy must be a trainkit.distributed.strategies.Strategy, got str"):
         Trainer(model(), config(), strategy="ddp")

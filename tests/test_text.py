@@ -19,18 +19,20 @@ import torch.nn.functional as F
 from conftest import SHARED_DATASETS
 from test_bad_input import run_main
 from test_distributed import free_port
-from trainkit.cli import EXIT_USAGE
-from trainkit.config import recipe_config
+from trainkit.exits import EXIT_USAGE
+from trainkit.config.files import recipe_config
 from trainkit.errors import ConfigError, DataError
-from trainkit.init import GPT_STD, init_weights
-from trainkit.export import export_safetensors, load_safetensors
-from trainkit.run import train_run
-from trainkit.text import data as text_data
-from trainkit.text import tokenizers as text_tokenizers
-from trainkit.text.data import RandomWindows, load_text, read_text, validation_batches, window_pairs
-from trainkit.text.generate import generate
-from trainkit.text.models import LSTMLanguageModel, Transformer, parameter_count
-from trainkit.text.tokenizers import UNKNOWN_CHAR, ByteTokenizer, CharTokenizer, tokenizer_from_state, train_tokenizer
+from trainkit.nn.init import GPT_STD, init_weights
+from trainkit.checkpoint.export import export_safetensors, load_safetensors
+from trainkit.recipes.run import train_run
+from trainkit.recipes.text import data as text_data
+from trainkit.recipes.text import tokenizers as text_tokenizers
+from trainkit.recipes.text.data import RandomWindows, load_text, read_text, validation_batches, window_pairs
+from trainkit.recipes.text.generate import generate
+from trainkit.recipes.text.models import LSTMLanguageModel, Transformer, parameter_count
+from trainkit.recipes.text.tokenizers import (
+    UNKNOWN_CHAR, ByteTokenizer, CharTokenizer, tokenizer_from_state, train_tokenizer,
+)  # fmt: skip
 
 KJV = SHARED_DATASETS / "text" / "kjv.txt"
 UNICODE = "Grüße, 世界! naïve café — ünïcødé\nsecond line\n"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from trainkit.callbacks import Callback, TrainState
-from trainkit.config import TrainConfig
-from trainkit.data import DeviceBatches
+from trainkit.loop.callbacks import Callback, TrainState
+from trainkit.config.schema import TrainConfig
+from trainkit.data.device import DeviceBatches
 from trainkit import tasks
+from trainkit.tasks import labels
 from trainkit.errors import ConfigError, DataError, NonFiniteLossError, TrainkitError
 from trainkit.loop.steps import group_batches
 from trainkit.loop.trainer import Trainer
@@ -403,7 +404,7 @@ def test_a_label_outside_the_models_classes_is_one_data_error_naming_the_step_an
 
 def test_where_the_loss_cannot_refuse_a_label_the_guard_keeps_it_out_and_stops_at_the_next_check(monkeypatch):
     """CUDA's cross-entropy asserts on the device instead of raising: the LabelGuard path (forced on the CPU)."""
-    monkeypatch.setattr(tasks, "loss_refuses_bad_labels", lambda targets: False)
+    monkeypatch.setattr(labels, "loss_refuses_bad_labels", lambda targets: False)
     x, y = labels_with(70, 5)
     trainer = Trainer(toy_model(), plain_config(batch_size=16, epochs=2))
     with pytest.raises(DataError, match=r"^a training batch of epoch 1 \(optimizer steps 1-5\) holds label 5, but the "
@@ -413,7 +414,7 @@ def test_where_the_loss_cannot_refuse_a_label_the_guard_keeps_it_out_and_stops_a
 
 
 def test_the_guard_passes_good_labels_unchanged_and_masks_bad_ones(monkeypatch):
-    monkeypatch.setattr(tasks, "loss_refuses_bad_labels", lambda targets: False)
+    monkeypatch.setattr(labels, "loss_refuses_bad_labels", lambda targets: False)
     guard = tasks.LabelGuard(-100)
     assert guard(torch.tensor([0, 2, -100, 1]), 3).tolist() == [0, 2, -100, 1]
     assert guard(torch.tensor([-1, 3, 7, 2]), 3).tolist() == [-100, -100, -100, 2]
@@ -543,7 +544,7 @@ def test_the_plateau_schedule_is_not_fed_nan(caplog):
 
 
 def test_plateau_schedule_skips_non_finite_metrics():
-    from trainkit.schedules import ScheduleSpec, build_scheduler
+    from trainkit.optim.schedules import ScheduleSpec, build_scheduler
 
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = build_scheduler(ScheduleSpec("plateau", plateau_patience=0, plateau_factor=0.5), optimizer, total_steps=10)

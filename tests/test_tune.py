@@ -16,9 +16,9 @@ import pytest
 
 optuna = pytest.importorskip("optuna")
 
-from trainkit.config import config_from_dict, load_config_file, recipe_config  # noqa: E402
+from trainkit.config.files import config_from_dict, load_config_file, recipe_config  # noqa: E402
 from trainkit.errors import ConfigError, TrainkitError  # noqa: E402
-from trainkit.run import train_run  # noqa: E402
+from trainkit.recipes.run import train_run  # noqa: E402
 from trainkit.tune import tune  # noqa: E402
 from trainkit.tune.space import parse_space  # noqa: E402
 
@@ -317,7 +317,7 @@ def test_a_config_file_turns_clipping_off_with_zero_as_the_flag_does(tmp_path):
 
 
 def test_workers_of_a_killed_tuner_checkpoint_their_trials_and_stop(tmp_path):
-    from trainkit.rundir import is_locked
+    from trainkit.checkpoint.rundir import is_locked
 
     space = tmp_path / "space.toml"
     space.write_text(SPACE)
@@ -381,7 +381,7 @@ def test_a_tuner_from_another_folder_is_refused_and_the_owners_trials_are_untouc
     both trials with its own settings."""
     import signal
 
-    from trainkit.rundir import is_locked
+    from trainkit.checkpoint.rundir import is_locked
 
     space = tmp_path / "space.toml"
     space.write_text(SPACE)

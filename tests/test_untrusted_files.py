@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from trainkit.checkpoint import encode, load_checkpoint
-from trainkit.cli import EXIT_USAGE, main
+from trainkit.checkpoint.file import encode
+from trainkit.checkpoint.store import load_checkpoint
+from trainkit.cli import main
+from trainkit.exits import EXIT_USAGE
 
 FACTORIES = '''
 import torch

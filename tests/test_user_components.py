@@ -422,10 +422,10 @@ def test_check_samples_given_the_model_refuses_float64_features_before_config_js
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from trainkit.components import build_run_task, check_samples
-    from trainkit.config import TrainConfig
+    from trainkit.recipes.components import build_run_task, check_samples
+    from trainkit.config.schema import TrainConfig
     from trainkit.errors import DataError
-    from trainkit.factories import UserData
+    from trainkit.recipes.factories import UserData
 
     x, y = torch.randn(40, 8, dtype=torch.float64), torch.randint(0, 4, (40,))
     data = UserData("m:f", TensorDataset(x, y), TensorDataset(x[:8].float(), y[:8]))

@@ -18,32 +18,25 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from trainkit import __version__
 from trainkit.choices import DATASET_NAMES, NORM_POSITIONS, TOKENIZERS, TTA_MODES
-from trainkit.config import (
-    MAX_SEED,
-    MODES,
-    TASK_NAMES,
-    NONFINITE_POLICIES,
-    OPTIMIZERS,
-    PRECISIONS,
-    SAVE_ERROR_POLICIES,
-    SCHEDULES,
-    TrainConfig,
-    load_config_file,
-    recipe_config,
-)
+from trainkit.config.files import load_config_file, recipe_config
+from trainkit.config.names import (
+    MAX_SEED, MODES, TASK_NAMES, NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS, SAVE_ERROR_POLICIES, SCHEDULES,
+)  # fmt: skip
+from trainkit.config.schema import TrainConfig
+from trainkit.config.sections import SECTION_OF, SECTIONS, flat_settings
 from trainkit.distributed import STRATEGIES, env_rank
 from trainkit.errors import CheckpointError, TrainkitError
 from trainkit.exits import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_UNVERIFIED, EXIT_USAGE, exit_status  # noqa: F401 (the codes, read from here too)
-from trainkit.export import EXPORT_FORMATS
-from trainkit.factories import parse_key_values
-from trainkit.loggers import LOGGERS
-from trainkit.metrics import BUILTIN_METRICS
-from trainkit.optim import LR_SCALINGS
-from trainkit.signals import graceful_stop
+from trainkit.checkpoint.export import EXPORT_FORMATS
+from trainkit.recipes.factories import parse_key_values
+from trainkit.tracking.loggers import LOGGERS
+from trainkit.tasks.metrics import BUILTIN_METRICS
+from trainkit.optim.optimizers import LR_SCALINGS
+from trainkit.checkpoint.signals import graceful_stop
 from trainkit.tune.names import PRUNERS, SAMPLERS
 
 if TYPE_CHECKING:
-    from trainkit.run import Factories
+    from trainkit.recipes.from_checkpoint import Factories
 
 TEXT_COMPARISONS = ("warmup", "clipping", "transformer_init", "sequence_norm")  # train on --data-file
 COMPARISONS = ("schedules", "init", "norm", "regularization", *TEXT_COMPARISONS)  # modules of trainkit.experiments
@@ -86,7 +79,7 @@ def float_list(text: str) -> list[float]:
 
 
 def batch_size(text: str) -> int | str:
-    """An integer, or 'auto' to find the largest batch that fits (trainkit.memory)."""
+    """An integer, or 'auto' to find the largest batch that fits (trainkit.loop.memory)."""
     return "auto" if text == "auto" else int(text)
 
 
@@ -104,11 +97,17 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
         add("--resume", action="store_true", help="continue the run in --out from its newest valid checkpoint")
         add("--force-resume", action="store_true", help="resume even if settings or data differ from the checkpoint's")
         add("--trust-factories", action="store_true", help=TRUST_HELP)
-    group = parser.add_argument_group("settings (defaults: the production MNIST recipe)")
-    flag = lambda name, **kw: group.add_argument(name, default=argparse.SUPPRESS, **kw)  # noqa: E731
+    # one group per TrainConfig section (trainkit.config.sections), in its order
+    groups = {section: parser.add_argument_group(f"{section} settings") for section in SECTIONS}
+    groups["data"].description = "defaults: the production MNIST recipe; in a config file each group may be a table: [optim] lr = 3e-4"
+
+    def flag(name: str, **kw: Any) -> None:
+        dest = kw.get("dest", name.removeprefix("--").replace("-", "_"))
+        groups[SECTION_OF[dest]].add_argument(name, default=argparse.SUPPRESS, **kw)
+
     flag("--dataset", help="mnist, fashion-mnist, synthetic, text (with --data-file), or MODULE:FUNCTION returning "
                             "(train, val[, test]) datasets (default mnist)")
-    group.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+    groups["data"].add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="keyword argument of a MODULE:FUNCTION dataset (repeatable; config file: dataset_args)")
     flag("--num-workers", type=int, help="DataLoader worker processes for Dataset inputs (default 0)")
     flag("--data-dir", help="folder with the IDX files (default: $TRAINKIT_DATA_DIR, then the cache, then download)")
@@ -117,7 +116,7 @@ def add_train_flags(parser: argparse.ArgumentParser, *, resumable: bool = True) 
     flag("--augment", dest="augment_shift", type=int, help="random shifts of up to N pixels (default: 0 MLP, 2 CNN)")
     flag("--model", help="mlp, residual_mlp, cnn; transformer, lstm (text); or MODULE:FUNCTION returning an "
                           "nn.Module (default mlp; transformer for --dataset text)")
-    group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+    groups["network"].add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="keyword argument of a MODULE:FUNCTION model (repeatable; config file: model_args)")
     flag("--task", choices=TASK_NAMES, help="what the batches mean and what is measured (default classification)")
     flag("--metrics", type=name_list, help="built-in metrics, comma separated: " + ", ".join(BUILTIN_METRICS)
@@ -233,7 +232,7 @@ def add_factory_flags(parser: argparse.ArgumentParser) -> None:
 
 def factories_of(args: argparse.Namespace) -> Factories:
     """What the user named (or trusts) for a command that rebuilds a model from a checkpoint."""
-    from trainkit.run import Factories
+    from trainkit.recipes.from_checkpoint import Factories
 
     return Factories(model=args.model, dataset=args.dataset, trust=args.trust_factories)
 
@@ -325,7 +324,7 @@ def given_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, 
     """The config file's settings and the setting flags typed (which win over the file)."""
     settings = {field.name for field in dataclasses.fields(TrainConfig)}
     flags = {key: value for key, value in vars(args).items() if key in settings}
-    file_values = load_config_file(args.config) if args.config else {}
+    file_values = flat_settings(load_config_file(args.config), args.config) if args.config else {}
     for name in ("model", "dataset"):  # --model-arg k=v entries override the config file's table
         pairs = getattr(args, f"{name}_arg", [])
         if pairs:
@@ -350,8 +349,9 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainkit.factories import require_named_factories
-    from trainkit.run import resume_config, train_run
+    from trainkit.recipes.factories import require_named_factories
+    from trainkit.recipes.resume import resume_config
+    from trainkit.recipes.run import train_run
 
     with graceful_stop() as guard:  # from the first moment: a SIGTERM in start-up is a clean stop too
         guard.resumable = args.resume
@@ -370,7 +370,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from trainkit.run import evaluate_checkpoint
+    from trainkit.recipes.from_checkpoint import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, factories=factories_of(args))
     measured = ", ".join(f"{key.removeprefix('test_')} {value:.4f}" for key, value in result.items()
@@ -380,7 +380,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from trainkit.run import generate_from_checkpoint
+    from trainkit.recipes.from_checkpoint import generate_from_checkpoint
 
     print(generate_from_checkpoint(args.checkpoint, prompt=args.prompt, tokens=args.tokens,
                                    temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device,
@@ -389,7 +389,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from trainkit.run import export_checkpoint
+    from trainkit.recipes.from_checkpoint import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, format=args.format, out=args.out, data_dir=args.data_dir,
                                factories=factories_of(args), overwrite=args.overwrite)
@@ -399,7 +399,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_lr_find(args: argparse.Namespace) -> int:
-    from trainkit.run import lr_find_run
+    from trainkit.recipes.run import lr_find_run
 
     config, _ = train_config_from_args(args)
     result = lr_find_run(config, start_lr=args.start_lr, end_lr=args.end_lr, num_iter=args.num_iter)
@@ -408,7 +408,7 @@ def run_lr_find(args: argparse.Namespace) -> int:
 
 
 def run_schedules(args: argparse.Namespace) -> int:
-    from trainkit.schedules import ScheduleSpec, plot_schedules
+    from trainkit.optim.schedules import ScheduleSpec, plot_schedules
 
     names = [name for name in args.schedules.split(",") if name]
     specs = [ScheduleSpec(name, warmup_steps=args.warmup_steps if name == "warmup_cosine" else 0) for name in names]
@@ -420,7 +420,7 @@ def run_schedules(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     import importlib
 
-    from trainkit.rundir import make_folder
+    from trainkit.checkpoint.rundir import make_folder
 
     make_folder(Path(args.out))
     module = importlib.import_module(f"trainkit.experiments.{args.experiment}")
@@ -428,7 +428,7 @@ def run_compare(args: argparse.Namespace) -> int:
     seeds = {"seeds": args.seeds} if args.seeds is not None else {}
     text = {"data_file": args.data_file} if args.experiment in TEXT_COMPARISONS else {}
     compare(args.out, quick=args.quick, dataset=args.dataset, data_dir=args.data_dir, **seeds, **text)
-    from trainkit.report import write_report
+    from trainkit.tracking.report import write_report
 
     write_report([Path(args.out)], Path(args.out) / "report.html")
     print(f"wrote {Path(args.out) / 'report.md'} and report.html")
@@ -436,14 +436,14 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_runs(args: argparse.Namespace) -> int:
-    from trainkit.runs import runs_table
+    from trainkit.tracking.runs import runs_table
 
     print(runs_table(Path(args.folder)))
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from trainkit.report import write_report
+    from trainkit.tracking.report import write_report
 
     path = write_report([Path(folder) for folder in args.folders], Path(args.out), overwrite=args.overwrite)
     print(f"wrote {path}")
@@ -463,9 +463,10 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from trainkit.checkpoint import load_checkpoint, require_checkpoint_file, verify_checkpoint
-    from trainkit.factories import describe_factories, untrusted_factories
-    from trainkit.run import saved_settings
+    from trainkit.checkpoint.file import require_checkpoint_file
+    from trainkit.checkpoint.store import load_checkpoint, verify_checkpoint
+    from trainkit.recipes.factories import describe_factories, untrusted_factories
+    from trainkit.recipes.resume import saved_settings
     from trainkit.checkpoint.sharded import is_sharded_checkpoint
 
     sharded = is_sharded_checkpoint(Path(args.checkpoint))

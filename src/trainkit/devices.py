@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from trainkit.errors import ConfigError, first_line
-from trainkit.runtime import map_tensors
+from trainkit.data.runtime import map_tensors
 
 HOST = torch.device("cpu")  # checkpoints, RNG states, snapshots and exported weights live here
 TRAINING_DEVICE_TYPES = ("cpu", "cuda", "mps")

@@ -1,7 +1,7 @@
 """The ``trainkit`` command's first lines, before any heavy import.
 
 Importing torch takes seconds; a SIGTERM in that time must also end in a clean stop with
-status 75 and a message, not a bare 143. So the stop-signal handlers (trainkit.signals, which
+status 75 and a message, not a bare 143. So the stop-signal handlers (trainkit.checkpoint.signals, which
 imports only the standard library) are installed first, then the CLI is imported and run.
 At the end stop signals are ignored: the outcome is decided and printed, and a scheduler
 must see it, not a 143 from a signal that arrived while the interpreter shut down.
@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from trainkit.errors import TrainingInterrupted
 from trainkit.faults import crash_point
-from trainkit.signals import EXIT_INTERRUPTED, graceful_stop, ignore_stop_signals
+from trainkit.checkpoint.signals import EXIT_INTERRUPTED, graceful_stop, ignore_stop_signals
 
 
 def entry_point() -> NoReturn:

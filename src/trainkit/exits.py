@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from trainkit.errors import NonFiniteLossError, TrainingInterrupted, TrainkitError
-from trainkit.signals import EXIT_INTERRUPTED
+from trainkit.checkpoint.signals import EXIT_INTERRUPTED
 
 EXIT_USAGE = 2  # a user error: bad flag, missing/corrupt data or checkpoint
 EXIT_NONFINITE = 3  # the loss became NaN/inf and the --on-nonfinite policy gave up

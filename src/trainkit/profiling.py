@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from trainkit.callbacks import Callback, TrainState
-from trainkit.config import TrainConfig
+from trainkit.loop.callbacks import Callback, TrainState
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
-from trainkit.rundir import holding_run_folder
-from trainkit.components import build_run_task, seeded_data_and_model, training_batches
+from trainkit.checkpoint.rundir import holding_run_folder
+from trainkit.recipes.components import build_run_task, seeded_data_and_model, training_batches
 from trainkit.devices import run_device
 from trainkit.loop.trainer import Trainer
 

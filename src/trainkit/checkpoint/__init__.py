@@ -8,33 +8,11 @@
 """
 
 from trainkit.checkpoint.file import (
-    PAYLOAD_SCHEMA,
-    TRAILER_MAGIC,
-    TRAILER_SIZE,
-    all_finite,
-    encode,
-    load_file,
-    model_sha256,
-    payload_problem,
-    read_checkpoint_bytes,
-    require_checkpoint_file,
-    save_checkpoint,
-    state_dict_mismatch,
-    verified_body,
-)
+    PAYLOAD_SCHEMA, TRAILER_MAGIC, TRAILER_SIZE, all_finite, encode, load_file, model_sha256, payload_problem, read_checkpoint_bytes, require_checkpoint_file, save_checkpoint, state_dict_mismatch, verified_body,
+)  # fmt: skip
 from trainkit.checkpoint.store import (
-    BEST_FILE,
-    CHECKPOINT_NAME,
-    SET_ASIDE_SUFFIX,
-    SHARDED_BEST,
-    CheckpointDir,
-    CheckpointName,
-    check_integrity,
-    damage_of,
-    load_checkpoint,
-    remove_checkpoint,
-    verify_checkpoint,
-)
+    BEST_FILE, CHECKPOINT_NAME, SET_ASIDE_SUFFIX, SHARDED_BEST, CheckpointDir, CheckpointName, check_integrity, damage_of, load_checkpoint, remove_checkpoint, verify_checkpoint,
+)  # fmt: skip
 
 __all__ = [
     "PAYLOAD_SCHEMA", "TRAILER_MAGIC", "TRAILER_SIZE", "all_finite", "encode", "load_file", "model_sha256",

@@ -33,7 +33,7 @@ from torch import nn
 from trainkit.devices import HOST
 from trainkit.errors import CheckpointCorrupt, CheckpointError, first_line
 from trainkit.faults import crash_point
-from trainkit.rundir import fsync_directory, temp_path
+from trainkit.checkpoint.rundir import fsync_directory, temp_path
 
 log = logging.getLogger("trainkit")
 

@@ -38,7 +38,7 @@ from trainkit import distributed
 from trainkit.errors import CheckpointCorrupt, CheckpointError, first_line
 from trainkit.checkpoint.file import encode, load_file
 from trainkit.faults import crash_point
-from trainkit.rundir import fsync_directory, temp_path
+from trainkit.checkpoint.rundir import fsync_directory, temp_path
 
 MANIFEST = "manifest.json"
 STATE_FILE = "state.pt"
@@ -50,7 +50,7 @@ CHUNK = 1 << 20
 
 # ------------------------------------------------------------------- saving
 def save_sharded(payload: dict[str, Any], path: Path) -> Path:
-    """Write ``payload`` (its model and optimizer state DTensors, see trainkit.fsdp.sharded_state)
+    """Write ``payload`` (its model and optimizer state DTensors, see trainkit.distributed.fsdp.sharded_state)
     as the folder ``path``. Every rank calls it; a failure on any rank raises on every rank, and
     the old checkpoints stay intact."""
     import torch.distributed.checkpoint as dcp
@@ -80,7 +80,7 @@ def save_sharded(payload: dict[str, Any], path: Path) -> Path:
 
 def split_payload(payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what DCP writes: model, optimizer and callbacks' sharded weight copies; the rest, for state.pt)."""
-    from trainkit.fsdp import holds_dtensors
+    from trainkit.distributed.fsdp import holds_dtensors
 
     arrays = {"model": payload["model"], "optimizer": payload["optimizer"]}
     callbacks: dict[str, Any] = {}

@@ -23,8 +23,8 @@ from typing import Any
 from trainkit.errors import CheckpointCorrupt, CheckpointError
 from trainkit.distributed import is_main
 from trainkit.faults import crash_point
-from trainkit.fsdp import holds_dtensors
-from trainkit.rundir import is_disk_full, remove_stale_temp_files
+from trainkit.distributed.fsdp import holds_dtensors
+from trainkit.checkpoint.rundir import is_disk_full, remove_stale_temp_files
 
 log = logging.getLogger("trainkit")
 from trainkit.checkpoint.file import load_file, read_checkpoint_bytes, save_checkpoint, verified_body

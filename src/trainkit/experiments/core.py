@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainkit.config import TrainConfig
-from trainkit.plots import plt
-from trainkit.run import train_run, write_atomically
+from trainkit.config.schema import TrainConfig
+from trainkit.tracking.plots import plt
+from trainkit.checkpoint.rundir import write_atomically
+from trainkit.recipes.run import train_run
 
 log = logging.getLogger("trainkit")
 

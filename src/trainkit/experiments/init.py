@@ -2,7 +2,7 @@
 
 The MLP has no normalisation, no dropout and no residual connections, so nothing but the init
 scheme sets the scale of its signals. Each cell (activation × scheme × seed) records the signal
-at init (``trainkit.diagnostics``: activation std, weight-gradient norms and dead ReLUs per layer),
+at init (``trainkit.nn.diagnostics``: activation std, weight-gradient norms and dead ReLUs per layer),
 the training loss after a fixed number of optimizer steps, the final accuracies, and whether
 training diverged (a NaN/inf loss is a result here, not a crash).
 """
@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainkit.callbacks import Callback, TrainState
-from trainkit.config import TrainConfig
-from trainkit.diagnostics import Diagnostics, LayerStats, signal_diagnostics
+from trainkit.loop.callbacks import Callback, TrainState
+from trainkit.config.schema import TrainConfig
+from trainkit.nn.diagnostics import Diagnostics, LayerStats, signal_diagnostics
 from trainkit.errors import NonFiniteLossError
 from trainkit.experiments.core import Cell, mean_std, plot_val_accuracy, read_history, run_cells, write_csv
-from trainkit.plots import plt
-from trainkit.run import train_run
-from trainkit.components import build_model_from_config, load_training_data, seed_everything
+from trainkit.tracking.plots import plt
+from trainkit.recipes.run import train_run
+from trainkit.recipes.components import build_model_from_config, load_training_data, seed_everything
 
 log = logging.getLogger("trainkit")
 
@@ -280,7 +280,7 @@ normalisation, no dropout, no residuals, so the init scheme alone sets the scale
 Every cell trains {base.epochs} epochs on {training_images} training images with {base.optimizer}
 (lr {base.lr}, {base.schedule}, clip-norm {base.clip_norm}), no early stopping; seeds {list(seeds)}.
 
-At init, one forward/backward pass on the first training batch (`trainkit.diagnostics`):
+At init, one forward/backward pass on the first training batch (`trainkit.nn.diagnostics`):
 `init_last_std` is the std of the last hidden activation, `init_min/max_grad_norm` the smallest and
 largest weight-gradient norm over the Linear layers, `dead_fraction` the share of ReLU units that
 output 0 for every sample of the batch (mean over layers; empty for tanh). `loss_at_steps`: the

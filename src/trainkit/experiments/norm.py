@@ -25,11 +25,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from trainkit.config import TrainConfig, config_from_dict
+from trainkit.config.files import config_from_dict
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
 from trainkit.experiments.core import Cell, mean_std, run_cells, train_cell, write_csv
-from trainkit.plots import plt
-from trainkit.components import build_model_from_config, load_training_data
+from trainkit.tracking.plots import plt
+from trainkit.recipes.components import build_model_from_config, load_training_data
 from trainkit.devices import resolve_device
 
 BATCH_SIZES = (8, 32, 128, 512)

@@ -13,17 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainkit.config import TrainConfig
+from trainkit.config.schema import TrainConfig
 from trainkit.experiments.core import (
-    Cell,
-    finish_plot,
-    plot_val_accuracy,
-    run_cells,
-    summary_table,
-    train_cell,
-    write_csv,
-)
-from trainkit.plots import plt
+    Cell, finish_plot, plot_val_accuracy, run_cells, summary_table, train_cell, write_csv,
+)  # fmt: skip
+from trainkit.tracking.plots import plt
 
 # Variant name -> what differs from the base config (MLP, BatchNorm, weight decay 0.01).
 # Each run appears once: the default block order at dropout 0.3 is the "dropout-0.3" variant,

@@ -7,18 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainkit.config import TrainConfig
+from trainkit.config.schema import TrainConfig
 from trainkit.experiments.core import (
-    Cell,
-    finish_plot,
-    plot_val_accuracy,
-    run_cells,
-    summary_table,
-    train_cell,
-    write_csv,
-)
-from trainkit.plots import plt
-from trainkit.schedules import lr_curve
+    Cell, finish_plot, plot_val_accuracy, run_cells, summary_table, train_cell, write_csv,
+)  # fmt: skip
+from trainkit.tracking.plots import plt
+from trainkit.optim.schedules import lr_curve
 from trainkit.loop.lr import schedule_spec
 
 COMPARED_SCHEDULES = ("constant", "step", "cosine", "warmup_cosine", "onecycle")

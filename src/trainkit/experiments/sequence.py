@@ -24,13 +24,14 @@ from typing import Any
 
 import torch
 
-from trainkit.callbacks import Callback, TrainState
-from trainkit.config import TrainConfig, recipe_config
+from trainkit.loop.callbacks import Callback, TrainState
+from trainkit.config.files import recipe_config
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError, NonFiniteLossError
 from trainkit.experiments.core import Cell, finish_plot, read_history, run_cells
-from trainkit.plots import plt
-from trainkit.run import train_run
-from trainkit.text.data import read_text
+from trainkit.tracking.plots import plt
+from trainkit.recipes.run import train_run
+from trainkit.recipes.text.data import read_text
 
 log = logging.getLogger("trainkit")
 

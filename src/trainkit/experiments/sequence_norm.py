@@ -19,7 +19,7 @@ from typing import Any
 from trainkit.experiments.clipping import describe_model
 from trainkit.experiments.core import Cell, summary_table, write_csv
 from trainkit.experiments.sequence import plot_traces, setup_comparison, trace_row
-from trainkit.text.models import SEQUENCE_NORMS
+from trainkit.choices import SEQUENCE_NORMS
 
 FULL = {"steps": 500, "seeds": (0,), "models": ("transformer", "lstm")}
 QUICK = {"steps": 20, "seeds": (0,), "models": ("transformer",)}

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from trainkit.components import build_model_from_config, load_training_data, seed_everything, training_batches
-from trainkit.config import TrainConfig
+from trainkit.recipes.components import build_model_from_config, load_training_data, seed_everything, training_batches
+from trainkit.config.schema import TrainConfig
 from trainkit.experiments.core import Cell, finish_plot, summary_table, write_csv
 from trainkit.experiments.sequence import run_traced_cell, setup_comparison, trace_row
-from trainkit.plots import plt
+from trainkit.tracking.plots import plt
 
 SCHEMES = ("gpt", "gpt_unscaled", "default", "xavier")
 FULL = {"steps": 300, "depths": (4, 12, 24), "seeds": (0,)}

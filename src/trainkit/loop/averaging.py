@@ -31,7 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
 from trainkit.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from trainkit.config import TrainConfig
+    from trainkit.config.schema import TrainConfig
 
 AVERAGE_KINDS = ("ema", "swa")
 

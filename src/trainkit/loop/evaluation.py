@@ -12,16 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainkit.batches import LoaderBatches, as_epoch_batches
-from trainkit.config import TrainConfig
+from trainkit.data.epochs import as_epoch_batches
+from trainkit.data.loader import LoaderBatches
+from trainkit.config.schema import TrainConfig
 from trainkit.devices import to_host
 from trainkit.errors import DataError, TrainkitError
 from trainkit.faults import crash_point
 from trainkit.loop.oom import MicroBatchBackoff
 from trainkit.loop.steps import split_micro_batches
-from trainkit.runtime import batch_rows, concatenate, map_tensors, to_device
-from trainkit.strategies import Strategy
-from trainkit.tasks import LabelsSeen, StepOutput, Task, model_logits, model_loss
+from trainkit.data.runtime import batch_rows, concatenate, map_tensors, to_device
+from trainkit.distributed.strategies import Strategy
+from trainkit.tasks.base import StepOutput, Task, model_logits, model_loss
+from trainkit.tasks.labels import LabelsSeen
 
 Batch = Any
 

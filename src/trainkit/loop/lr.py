@@ -1,4 +1,4 @@
-"""The run's learning rate over time, in one object: the schedule (trainkit.schedules, or the
+"""The run's learning rate over time, in one object: the schedule (trainkit.optim.schedules, or the
 user's own ``LRScheduler``), SWA's ``SWALR`` once it takes over (``--swa-start --swa-lr``), the
 scale that rollbacks leave (``lr_scale``), and reduce-on-plateau's look at the monitored metric."""
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from trainkit.config import TrainConfig
-from trainkit.schedules import ScheduleSpec, build_scheduler
+from trainkit.config.schema import TrainConfig
+from trainkit.optim.schedules import ScheduleSpec, build_scheduler
 
 
 def schedule_spec(config: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> ScheduleSpec:

@@ -21,7 +21,7 @@ import torch
 
 from trainkit.devices import host_copy
 from trainkit.errors import NonFiniteLossError
-from trainkit.schedules import scale_learning_rate
+from trainkit.optim.schedules import scale_learning_rate
 
 if TYPE_CHECKING:
     from trainkit.loop.trainer import Trainer

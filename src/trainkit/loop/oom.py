@@ -16,8 +16,8 @@ import torch
 from trainkit.devices import free_cached_device_memory
 from trainkit.errors import TrainkitError
 from trainkit.loop.steps import BufferSnapshot
-from trainkit.runtime import batch_rows
-from trainkit.strategies import Strategy
+from trainkit.data.runtime import batch_rows
+from trainkit.distributed.strategies import Strategy
 
 log = logging.getLogger("trainkit")
 

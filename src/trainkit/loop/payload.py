@@ -24,12 +24,12 @@ import torch
 
 import trainkit
 from trainkit import distributed
-from trainkit.batches import LoaderBatches
-from trainkit.callbacks import callback_keys
-from trainkit.checkpoint import state_dict_mismatch
+from trainkit.data.loader import LoaderBatches
+from trainkit.loop.callbacks import callback_keys
+from trainkit.checkpoint.file import state_dict_mismatch
 from trainkit.devices import restore_rng, rng_state, to_host
 from trainkit.errors import CheckpointError
-from trainkit.history import merged_meter_state
+from trainkit.tracking.history import merged_meter_state
 
 if TYPE_CHECKING:
     from trainkit.loop.trainer import Trainer
@@ -162,7 +162,7 @@ def save(trainer: Trainer, *, epoch_complete: bool, is_best: bool) -> Path | Non
     """Save unless the weights are non-finite; a failed save never loses earlier checkpoints.
 
     Agreement point: every rank captures the payload and learns the outcome of the write
-    (trainkit.strategies), so a failed save stops all ranks or none."""
+    (trainkit.distributed.strategies), so a failed save stops all ranks or none."""
     if trainer.checkpoints is None:
         return None
     if not trainer.strategy.weights_finite(trainer.model):

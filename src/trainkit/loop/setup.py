@@ -12,12 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainkit.batches import EpochBatches, as_epoch_batches
-from trainkit.callbacks import Callback, EarlyStopping
-from trainkit.config import LOOP_MONITORABLE, TrainConfig
+from trainkit.data.epochs import EpochBatches, as_epoch_batches
+from trainkit.loop.callbacks import Callback, EarlyStopping
+from trainkit.config.names import LOOP_MONITORABLE
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
-from trainkit.optim import batch_scaled_lr
-from trainkit.tasks import Task, as_task, check_data, named_loss, parameter_dtype
+from trainkit.optim.optimizers import batch_scaled_lr
+from trainkit.tasks.base import Task, check_data, parameter_dtype
+from trainkit.tasks.kinds import as_task, named_loss
 
 log = logging.getLogger("trainkit")
 
@@ -62,7 +64,7 @@ def warn_about_recipe_settings(config: TrainConfig, callbacks: Sequence[Callback
 def training_batches(data: Any, config: TrainConfig, device: torch.device, rank: int, world_size: int) -> EpochBatches:
     """The training data as EpochBatches (shuffled by (seed, epoch), this rank's shard)."""
     if config.batch_size == "auto":
-        raise ConfigError("Trainer needs a numeric batch_size; trainkit.memory.find_batch_size finds one (train_run does)")
+        raise ConfigError("Trainer needs a numeric batch_size; trainkit.loop.memory.find_batch_size finds one (train_run does)")
     return as_epoch_batches(
         data, batch_size=config.batch_size, seed=config.seed, shuffle=True, lockstep=True,
         num_workers=config.num_workers, pin_memory=device.type == "cuda", rank=rank,

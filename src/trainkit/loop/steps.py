@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from trainkit.batches import DeviceBatches
+from trainkit.data.device import DeviceBatches
 from trainkit.errors import DataError
-from trainkit.runtime import split_batch
+from trainkit.data.runtime import split_batch
 
-Batch = Any  # a tensor, tuple, list, dict or dataclass of tensors (trainkit.runtime)
+Batch = Any  # a tensor, tuple, list, dict or dataclass of tensors (trainkit.data.runtime)
 
 
 def phase(name: str):

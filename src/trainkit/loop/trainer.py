@@ -47,7 +47,7 @@ every rank calls the strategy in the same order; docs/architecture.md numbers th
             forward under autocast; backward(scaler.scale(loss * count / group size))
 
 Data parallel (``--strategy ddp|fsdp``, docs/scaling.md): each rank trains on its slice of every
-global batch; the strategy (trainkit.strategies) wraps the model and runs every agreement point;
+global batch; the strategy (trainkit.distributed.strategies) wraps the model and runs every agreement point;
 only rank 0 writes files.
 """
 
@@ -65,14 +65,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainkit.batches import EpochBatches
-from trainkit.callbacks import Callback, TrainState, check_callbacks, is_improvement
-from trainkit.checkpoint import CheckpointDir, load_checkpoint
-from trainkit.config import DEFAULT_SKIP_FRACTION, TrainConfig
+from trainkit.data.epochs import EpochBatches
+from trainkit.loop.callbacks import Callback, TrainState, check_callbacks, is_improvement
+from trainkit.checkpoint.store import CheckpointDir, load_checkpoint
+from trainkit.config.names import DEFAULT_SKIP_FRACTION
+from trainkit.config.schema import TrainConfig
 from trainkit.devices import explaining_nondeterministic_ops, run_device
 from trainkit.errors import ConfigError, DataError, TrainingInterrupted, TrainkitError
 from trainkit.faults import crash_point
-from trainkit.history import EpochMeter, HistoryFile, format_epoch
+from trainkit.tracking.history import EpochMeter, HistoryFile, format_epoch
 from trainkit.loop import payload
 from trainkit.loop.averaging import WeightAveraging
 from trainkit.loop.evaluation import Evaluator, raise_if_labels_outside
@@ -80,37 +81,35 @@ from trainkit.loop.lr import LrControl
 from trainkit.loop.nonfinite import NONFINITE_CHECK_EVERY, POLICIES, NonFiniteStep, nonfinite_loss_error
 from trainkit.loop.oom import MicroBatchBackoff
 from trainkit.loop.setup import (
-    check_data_splits, check_monitors, scaled_lr, trainer_task, training_batches, warn_about_recipe_settings,
-    warn_if_validation_nonfinite,
+    check_data_splits, check_monitors, scaled_lr, trainer_task, training_batches, warn_about_recipe_settings, warn_if_validation_nonfinite,
 )  # fmt: skip
 from trainkit.loop.steps import (
     BufferSnapshot, data_error_text, group_batches, has_samples, labelled_as_data, phase, split_micro_batches,
 )  # fmt: skip
-from trainkit.lr_finder import LRFinderResult, lr_find
-from trainkit.optim import build_optimizer, check_user_optimizer
+from trainkit.optim.lr_finder import LRFinderResult, lr_find
+from trainkit.optim.optimizers import build_optimizer, check_user_optimizer
 from trainkit.precision import autocast_dtype, masked_by_overflow, overflow
-from trainkit.rundir import holding_run_folder, remove_stale_temp_files
-from trainkit.runtime import batch_rows, to_device
-from trainkit.strategies import Strategy, make_strategy
-from trainkit.tasks import (
-    StepOutput, Task, detached, no_target_text,
-)  # fmt: skip
+from trainkit.checkpoint.rundir import holding_run_folder, remove_stale_temp_files
+from trainkit.data.runtime import batch_rows, to_device
+from trainkit.distributed.strategies import Strategy, make_strategy
+from trainkit.tasks.base import StepOutput, Task, detached
+from trainkit.tasks.labels import no_target_text  # fmt: skip
 
 log = logging.getLogger("trainkit")
 
-Batch = Any  # a tensor, tuple, list, dict or dataclass of tensors (trainkit.runtime)
+Batch = Any  # a tensor, tuple, list, dict or dataclass of tensors (trainkit.data.runtime)
 
 
 class Trainer:
     """Fit any model on any data with the practices in ``TrainConfig``; see the module docstring.
 
-    ``task``: what a batch means and what is measured (a ``trainkit.tasks.Task`` or one of
+    ``task``: what a batch means and what is measured (a ``trainkit.tasks.base.Task`` or one of
     ``TASKS``' names; default classification). ``loss_fn``, ``metrics`` and ``step`` build the task
     when it is given by name. ``optimizer``/``scheduler``: the user's own objects instead of the
     configured ones (trainkit's optimizer keeps weight decay off biases and norm weights);
     a scheduler is stepped once per optimizer step. ``scaler``: your own ``torch.amp.GradScaler``
     (another ``init_scale`` or growth interval) instead of fp16's default one. ``strategy``: how
-    a step runs across processes (trainkit.strategies; experimental).
+    a step runs across processes (trainkit.distributed.strategies; experimental).
     """
 
     _reducing = False  # inside a backward that all-reduces DDP's gradients
@@ -138,14 +137,14 @@ class Trainer:
             raise ConfigError(f"Trainer needs a trainkit.TrainConfig, got {type(config).__name__}")
         self.config = config.resolved(loop_only=True)  # the recipe fields (dataset, model, ...) are not ours
         if self.config.lr == "auto":
-            raise ConfigError("Trainer needs a numeric lr; run trainkit.lr_finder.lr_find first (train_run does)")
+            raise ConfigError("Trainer needs a numeric lr; run trainkit.optim.lr_finder.lr_find first (train_run does)")
         self.device = run_device(self.config.device, deterministic=self.config.deterministic, tf32=self.config.tf32)
         self.amp_dtype = autocast_dtype(self.config.precision, self.device)
         self.memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        # how a step runs across processes: one process, DDP or FSDP (trainkit.strategies)
+        # how a step runs across processes: one process, DDP or FSDP (trainkit.distributed.strategies)
         self.strategy = strategy if strategy is not None else make_strategy(self.config)
         if not isinstance(self.strategy, Strategy):
-            raise ConfigError("Trainer's strategy must be a trainkit.strategies.Strategy, "
+            raise ConfigError("Trainer's strategy must be a trainkit.distributed.strategies.Strategy, "
                               f"got {type(self.strategy).__name__}")  # fmt: skip
         self.rank, self.world_size = self.strategy.rank, self.strategy.world_size
         self.is_main = self.rank == 0  # logs and writes files; other ranks write nothing
@@ -213,7 +212,7 @@ class Trainer:
         """Train for ``config.epochs`` epochs or ``config.max_steps`` optimizer steps (early stopping
         may end sooner); returns the history, one row per epoch (and per ``val_every_steps`` point).
 
-        ``train``/``val``: any data ``trainkit.batches.as_epoch_batches`` accepts (a Dataset, a
+        ``train``/``val``: any data ``trainkit.data.epochs.as_epoch_batches`` accepts (a Dataset, a
         DataLoader, an iterable of batches, DeviceBatches). ``resume_from``: a checkpoint path or
         an already loaded checkpoint payload. The output folder (if any) is locked for the whole
         fit: a second process gets a one-line error.
@@ -556,7 +555,7 @@ class Trainer:
     def lr_find(self, train: Any, **options: Any) -> LRFinderResult:
         """LR range test on this trainer's model, optimizer, task, accumulation and precision.
 
-        Leaves no trace (see trainkit.lr_finder); build a new Trainer with the suggested lr.
+        Leaves no trace (see trainkit.optim.lr_finder); build a new Trainer with the suggested lr.
         """
         return lr_find(self.model, self.optimizer, training_batches(train, self.config, self.device, self.rank, self.world_size), self.task,
                        accumulate=self.config.accumulate, precision=self.config.precision, **options)  # fmt: skip

@@ -20,7 +20,7 @@ from trainkit.errors import ConfigError, TrainingInterrupted, TrainkitError
 from trainkit.tune.names import PRUNERS, SAMPLERS
 
 if TYPE_CHECKING:
-    from trainkit.config import TrainConfig
+    from trainkit.config.schema import TrainConfig
 
 __all__ = ["tune", "SAMPLERS", "PRUNERS"]
 TUNE_MODULES = ("optuna", "tomli_w")  # what pyproject.toml's `tune` extra brings: the engine, best.toml's writer
@@ -58,8 +58,8 @@ def tune(
     objects, one worker only).
     """
     require_optuna()
-    from trainkit.config import load_config_file
-    from trainkit.rundir import waiting_for_lock
+    from trainkit.config.files import load_config_file
+    from trainkit.checkpoint.rundir import waiting_for_lock
     from trainkit.tune.results import toml_settings, write_results
     from trainkit.tune.study import CLAIM_LOCK, TuneSpec, default_threads, open_study, prepare_spec, record_study
     from trainkit.tune.trials import RESUME_ADVICE, work
@@ -90,7 +90,7 @@ def tune(
 
 def given_settings(base: Mapping[str, Any] | TrainConfig) -> dict[str, Any]:
     """A mapping of settings as given, or a TrainConfig's settings that differ from the defaults."""
-    from trainkit.config import TrainConfig
+    from trainkit.config.schema import TrainConfig
 
     if isinstance(base, TrainConfig):
         defaults = TrainConfig().to_dict()

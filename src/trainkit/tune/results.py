@@ -14,9 +14,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from trainkit.config import OFF_WHEN_ZERO, TrainConfig
+from trainkit.config.names import OFF_WHEN_ZERO
+from trainkit.config.schema import TrainConfig
 from trainkit.errors import ConfigError
-from trainkit.rundir import read_json, write_atomically
+from trainkit.checkpoint.rundir import read_json, write_atomically
 from trainkit.tune.study import TuneSpec, trial_folder
 from trainkit.tune.trials import TRIAL_FILE, describe_params
 
@@ -108,7 +109,7 @@ def draw_plots(spec: TuneSpec, study: Any) -> dict[str, str]:
     import optuna
     import optuna.visualization.matplotlib as optuna_plots
 
-    from trainkit.plots import pyplot
+    from trainkit.tracking.plots import pyplot
 
     plt = pyplot()
     notes = {}
@@ -155,8 +156,8 @@ def report_markdown(
 
 
 def write_html_report(spec: TuneSpec) -> None:
-    """report.md with its plots, then the trial runs' curves and settings (trainkit.report)."""
-    from trainkit.report import write_report
+    """report.md with its plots, then the trial runs' curves and settings (trainkit.tracking.report)."""
+    from trainkit.tracking.report import write_report
 
     folders: list[Path] = [spec.folder]
     if any((spec.folder / "trials").glob("*/config.json")):

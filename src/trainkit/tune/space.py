@@ -29,7 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainkit.config import field_types, flag_name, is_factory_path, recipe_config, setting_accepts
+from trainkit.config.files import recipe_config
+from trainkit.config.schema import field_types, setting_accepts
+from trainkit.config.names import flag_name
+from trainkit.config.values import is_factory_path
 from trainkit.errors import ConfigError
 
 SPACE_KEYS = ("low", "high", "log", "step", "choices")

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainkit.config import MAX_SEED, recipe_config
+from trainkit.config.files import recipe_config
+from trainkit.config.names import MAX_SEED
 from trainkit.errors import ConfigError, first_line
-from trainkit.run import RESUMABLE_OVERRIDES, config_differences
-from trainkit.rundir import _is_other_live_process, is_locked, lock_run_folder, read_json, waiting_for_lock
-from trainkit.rundir import write_atomically
+from trainkit.recipes.resume import RESUMABLE_OVERRIDES, config_differences
+from trainkit.checkpoint.rundir import _is_other_live_process, is_locked, lock_run_folder, read_json, waiting_for_lock
+from trainkit.checkpoint.rundir import write_atomically
 from trainkit.tune.names import PRUNERS, SAMPLERS
 from trainkit.tune.space import Dimension, grid_space, parse_space
 
@@ -125,7 +126,7 @@ def prepare_spec(spec: TuneSpec) -> TuneSpec:
 
 def default_objective(config: Any) -> str:
     """The task's own validation metric (accuracy, F1, the loss for regression and language models)."""
-    from trainkit.components import build_run_task
+    from trainkit.recipes.components import build_run_task
 
     task = build_run_task(config)
     name = f"val_{task.objective}"

@@ -16,11 +16,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainkit.callbacks import Callback, TrainState
-from trainkit.config import recipe_config
+from trainkit.loop.callbacks import Callback, TrainState
+from trainkit.config.files import recipe_config
 from trainkit.errors import NonFiniteLossError, TrainingInterrupted, TrainkitError
-from trainkit.run import resume_config, train_run
-from trainkit.rundir import read_json, release_run_folder, write_atomically
+from trainkit.recipes.resume import resume_config
+from trainkit.recipes.run import train_run
+from trainkit.checkpoint.rundir import read_json, release_run_folder, write_atomically
 from trainkit.tune.space import trial_settings
 from trainkit.tune.study import Claim, TuneSpec, claim_trial, open_study
 

@@ -20,7 +20,7 @@ import torch
 
 from trainkit.errors import TrainingInterrupted, TrainkitError
 from trainkit.exits import exit_status
-from trainkit.signals import EXIT_INTERRUPTED, graceful_stop
+from trainkit.checkpoint.signals import EXIT_INTERRUPTED, graceful_stop
 from trainkit.tune.study import TuneSpec
 from trainkit.tune.trials import RESUME_ADVICE, work
 
