@@ -98,7 +98,7 @@ class CheckpointDir:
 
     Files: ``epoch-0003.pt`` (end of epoch 3), ``epoch-0004-step-00001300.pt`` (mid-epoch,
     at optimizer step 1300) and ``best.pt`` (the best epoch by the monitored metric); under
-    --strategy fsdp the same names end in ``.dcp`` and are folders (trainkit.sharded_checkpoint).
+    --strategy fsdp the same names end in ``.dcp`` and are folders (trainkit.checkpoint.sharded).
     Retention keeps the newest ``keep_last`` checkpoints, every ``keep_every``-th epoch end and
     the one just written (verified by its read-back); old ones are deleted only after a new one
     is written. A checkpoint that resume cannot use is renamed ``NAME.corrupt``, so it neither

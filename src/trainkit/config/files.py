@@ -25,8 +25,8 @@ from trainkit.config.names import (
     TEXT_LOOP_RECIPE,
     TEXT_RECIPES,
 )  # fmt: skip
-from trainkit.config.sections import flat_settings
 from trainkit.config.schema import TrainConfig, check_field_types, kind_of
+from trainkit.config.sections import flat_settings
 from trainkit.config.values import one_line, short_repr, shorten
 from trainkit.devices import fast_bf16, resolve_device
 from trainkit.errors import ConfigError

@@ -18,14 +18,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from trainkit.choices import (
-    DATASET_NAMES,
-    NORM_POSITIONS,
-    SEQUENCE_MODELS,
-    SEQUENCE_NORMS,
-    TOKENIZERS,
-    TTA_MODES,
-)
+from trainkit.choices import DATASET_NAMES, NORM_POSITIONS, SEQUENCE_MODELS, SEQUENCE_NORMS, TOKENIZERS, TTA_MODES
 from trainkit.config.names import (
     ANNEALS,
     LOOP_DEFAULTS,

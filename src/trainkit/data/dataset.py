@@ -6,26 +6,16 @@ augmentation in ``__getitem__``); and the sample checks that collate its first s
 from __future__ import annotations
 
 import hashlib
-import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    IterableDataset,
-    default_collate,
-)
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from trainkit.errors import ConfigError, DataError, first_line
-
-try:  # numpy's global RNG is seeded/restored around batch fetches when numpy is there
-    import numpy as _np
-except ImportError:  # pragma: no cover - torch works without numpy
-    _np = None
 from trainkit.data.device import DeviceBatches, epoch_seed
+from trainkit.data.rngs import loop_rng_states, seed_global_rngs, set_loop_rng_states
+from trainkit.errors import ConfigError, DataError, first_line
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int = 0, world_size: int = 1) -> int:
@@ -57,27 +47,6 @@ class _SeededIndices(list):
         return (_SeededIndices, (list(self), self.seed))
 
 
-def _seed_global_rngs(seed: int) -> None:
-    # The CPU generator only: torch.manual_seed would also reseed every CUDA device's generator.
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    if _np is not None:
-        _np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
-
-
-def _loop_rng_states() -> tuple[Any, Any]:
-    """The RNGs the training loop draws from (dropout, the user's Python code): torch CPU and
-    ``random``. NumPy's global state is not saved: it costs ~95 µs a batch (docs/benchmarks.md,
-    "Data paths") and the loop never draws from it; after a main-process fetch it is the
-    batch's seeded stream, a function of (seed, epoch, batch), so a resume stays exact."""
-    return torch.get_rng_state(), random.getstate()
-
-
-def _set_loop_rng_states(states: tuple[Any, Any]) -> None:
-    torch.set_rng_state(states[0])
-    random.setstate(states[1])
-
-
 class _SeededFetch(Dataset):
     """A map-style dataset whose every batch fetch runs under that batch's own seed.
 
@@ -86,7 +55,7 @@ class _SeededFetch(Dataset):
     whichever worker fetched the batch (workers take batches round-robin, so per-worker RNG
     streams would depend on where the epoch started and on ``num_workers``). torch's
     ``_MapDatasetFetcher`` calls ``__getitems__`` with the batch sampler's item, which carries
-    the seed. In the main process the loop's RNG states (torch CPU, ``random``; see _loop_rng_states) are
+    the seed. In the main process the loop's RNG states (torch CPU, ``random``; see loop_rng_states) are
     saved before and restored after each fetch so the training loop's own stream (dropout) is
     untouched (a per-batch cost: see docs/benchmarks.md). A worker process has nothing to
     protect and skips it.
@@ -106,14 +75,14 @@ class _SeededFetch(Dataset):
         if seed is None:
             return self._fetch(list(indices))
         if torch.utils.data.get_worker_info() is not None:
-            _seed_global_rngs(seed)
+            seed_global_rngs(seed)
             return self._fetch(list(indices))
-        saved = _loop_rng_states()
+        saved = loop_rng_states()
         try:
-            _seed_global_rngs(seed)
+            seed_global_rngs(seed)
             return self._fetch(list(indices))
         finally:
-            _set_loop_rng_states(saved)
+            set_loop_rng_states(saved)
 
     def _fetch(self, indices: list[int]) -> Any:
         batched = getattr(self.dataset, "__getitems__", None)

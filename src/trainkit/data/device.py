@@ -26,11 +26,6 @@ from torch import Tensor
 
 from trainkit.errors import ConfigError
 
-try:  # numpy's global RNG is seeded/restored around batch fetches when numpy is there
-    import numpy as _np
-except ImportError:  # pragma: no cover - torch works without numpy
-    _np = None
-
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed that depends only on (seed, epoch), so any epoch can be replayed alone."""

@@ -38,35 +38,18 @@ Implementations, and which ``as_epoch_batches`` picks for what
 
 from __future__ import annotations
 
-import contextlib
-import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    IterableDataset,
-    TensorDataset,
-)
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
-from trainkit.errors import ConfigError, DataError, first_line
-
-try:  # numpy's global RNG is seeded/restored around batch fetches when numpy is there
-    import numpy as _np
-except ImportError:  # pragma: no cover - torch works without numpy
-    _np = None
-from trainkit.data.dataset import (
-    DatasetBatches,
-    check_batch_size,
-    check_num_workers,
-    collate_samples,
-    mismatch,
-)
+from trainkit.data.dataset import DatasetBatches, check_batch_size, check_num_workers, collate_samples, mismatch
 from trainkit.data.device import DeviceBatches
 from trainkit.data.loader import LoaderBatches, samplers
+from trainkit.data.rngs import is_ndarray, rngs_restored
+from trainkit.errors import ConfigError, DataError, first_line
 
 # --------------------------------------------------------------------------------------------
 # The contract, and the other kinds of input
@@ -107,20 +90,6 @@ _NOT_BATCHES: tuple[type, ...] = (str, bytes, bytearray, Tensor, Mapping)
 
 # ------------------------------------------------------- samples checked before training
 CHECKED_SAMPLES = 64  # samples from the start of a map-style dataset checked before training (and its last)
-
-
-@contextlib.contextmanager
-def rngs_restored() -> Iterator[None]:
-    """Reading samples outside the loop (augmentation draws from the global RNGs) leaves the
-    run's random streams as they were, so a check does not change what the run trains on."""
-    states = (torch.get_rng_state(), random.getstate(), None if _np is None else _np.random.get_state())
-    try:
-        yield
-    finally:
-        torch.set_rng_state(states[0])
-        random.setstate(states[1])
-        if _np is not None:
-            _np.random.set_state(states[2])
 
 
 def checked_rows(data: Any, what: str, count: int = CHECKED_SAMPLES) -> tuple[Sequence[int], Any] | None:
@@ -168,17 +137,13 @@ def _is_epoch_batches(data: Any) -> bool:
     return callable(getattr(data, "epoch", None)) and hasattr(data, "__len__")
 
 
-def _is_ndarray(data: Any) -> bool:
-    return _np is not None and isinstance(data, _np.ndarray)
-
-
 def _is_map_style(data: Any) -> bool:
     """A torch Dataset, or a dataset-like object (``__getitem__`` and ``__len__``, e.g. Hugging Face)."""
     if isinstance(data, IterableDataset):
         return False
     if isinstance(data, Dataset):
         return True
-    if isinstance(data, (*_NOT_BATCHES, Sequence, Iterator)) or _is_ndarray(data):
+    if isinstance(data, (*_NOT_BATCHES, Sequence, Iterator)) or is_ndarray(data):
         return False  # a list/tuple is a list of batches; str, tensors, arrays, dicts are rejected
     return hasattr(data, "__getitem__") and hasattr(data, "__len__")
 
@@ -252,9 +217,9 @@ def as_epoch_batches(
             data, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, collate_fn=collate_fn,
             num_workers=num_workers, pin_memory=pin_memory, **shard,
         )
-    if isinstance(data, Iterable) and not isinstance(data, _NOT_BATCHES) and not _is_ndarray(data):
+    if isinstance(data, Iterable) and not isinstance(data, _NOT_BATCHES) and not is_ndarray(data):
         return LoaderBatches(data, steps_per_epoch=steps_per_epoch)
-    hint = " (wrap tensors as TensorDataset(x, y))" if isinstance(data, Tensor) or _is_ndarray(data) else ""
+    hint = " (wrap tensors as TensorDataset(x, y))" if isinstance(data, Tensor) or is_ndarray(data) else ""
     raise ConfigError(
         f"cannot train on {type(data).__name__}{hint}: pass {', '.join(ACCEPTED_DATA[:-1])} or {ACCEPTED_DATA[-1]}."
     )

@@ -12,16 +12,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import (
-    DataLoader,
-)
+from torch.utils.data import DataLoader
 
 from trainkit.errors import CheckpointError, ConfigError
-
-try:  # numpy's global RNG is seeded/restored around batch fetches when numpy is there
-    import numpy as _np
-except ImportError:  # pragma: no cover - torch works without numpy
-    _np = None
 
 log = logging.getLogger("trainkit")
 

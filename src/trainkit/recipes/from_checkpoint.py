@@ -13,10 +13,7 @@ from torch import nn
 
 from trainkit.checkpoint.export import SUFFIXES, export_model
 from trainkit.checkpoint.file import state_dict_mismatch
-from trainkit.checkpoint.rundir import (
-    remove_stale_temp_files,
-    run_folder_of,
-)  # fmt: skip
+from trainkit.checkpoint.rundir import remove_stale_temp_files, run_folder_of  # fmt: skip
 from trainkit.checkpoint.sharded import is_sharded_checkpoint
 from trainkit.checkpoint.store import (
     BEST_FILE,
@@ -32,10 +29,7 @@ from trainkit.config.values import is_factory_path
 from trainkit.data.epochs import as_epoch_batches
 from trainkit.data.runtime import map_tensors
 from trainkit.devices import resolve_device
-from trainkit.errors import (
-    CheckpointError,
-    ConfigError,
-)
+from trainkit.errors import CheckpointError, ConfigError
 from trainkit.loop.averaging import evaluation_weights
 from trainkit.loop.trainer import Trainer
 from trainkit.precision import precision_for_inference
@@ -47,15 +41,8 @@ from trainkit.recipes.components import (
     load_training_data,
     rows_of,
 )  # fmt: skip
-from trainkit.recipes.factories import (
-    build_user_model,
-    require_named_factories,
-)
-from trainkit.recipes.resume import (
-    known_settings,
-    saved_settings,
-    warn_if_factories_changed,
-)
+from trainkit.recipes.factories import build_user_model, require_named_factories
+from trainkit.recipes.resume import known_settings, saved_settings, warn_if_factories_changed
 from trainkit.recipes.text.generate import check_sampling, generate
 from trainkit.recipes.text.models import build_sequence_model
 from trainkit.recipes.text.tokenizers import tokenizer_from_state

@@ -14,26 +14,15 @@ import torch
 from trainkit import distributed
 from trainkit.checkpoint.export import export_safetensors
 from trainkit.checkpoint.file import all_finite, model_sha256
-from trainkit.checkpoint.rundir import (
-    write_atomically,
-)  # fmt: skip
-from trainkit.checkpoint.store import (
-    load_checkpoint,
-)  # fmt: skip
+from trainkit.checkpoint.rundir import write_atomically  # fmt: skip
+from trainkit.checkpoint.store import load_checkpoint  # fmt: skip
 from trainkit.distributed import fsdp
-from trainkit.errors import (
-    CheckpointError,
-    NonFiniteLossError,
-    OutputError,
-)
+from trainkit.errors import CheckpointError, NonFiniteLossError, OutputError
 from trainkit.faults import crash_point
 from trainkit.loop.averaging import evaluation_weights
 from trainkit.loop.callbacks import EarlyStopping
 from trainkit.loop.trainer import Trainer
-from trainkit.recipes.components import (
-    RunData,
-    rows_of,
-)  # fmt: skip
+from trainkit.recipes.components import RunData, rows_of  # fmt: skip
 from trainkit.recipes.text.data import bits_per_token
 from trainkit.tasks.metrics import finite_or_none, json_ready
 from trainkit.tracking.plots import plot_history

@@ -18,24 +18,13 @@ from torch import nn
 
 from trainkit import distributed
 from trainkit.checkpoint.file import state_dict_mismatch
-from trainkit.checkpoint.rundir import (
-    holding_run_folder,
-    read_json,
-)  # fmt: skip
-from trainkit.checkpoint.store import (
-    CheckpointDir,
-    damage_of,
-)  # fmt: skip
+from trainkit.checkpoint.rundir import holding_run_folder, read_json  # fmt: skip
+from trainkit.checkpoint.store import CheckpointDir, damage_of  # fmt: skip
 from trainkit.config.files import config_from_dict
 from trainkit.config.names import flag_name
 from trainkit.config.schema import TrainConfig
-from trainkit.errors import (
-    CheckpointError,
-    ConfigError,
-)
-from trainkit.recipes.factories import (
-    factory_sources,
-)
+from trainkit.errors import CheckpointError, ConfigError
+from trainkit.recipes.factories import factory_sources
 
 log = logging.getLogger("trainkit")
 

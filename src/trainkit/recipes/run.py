@@ -29,19 +29,13 @@ import torch
 from torch import nn
 
 from trainkit import distributed
-from trainkit.checkpoint.rundir import (
-    holding_run_folder,
-    read_json,
-    write_atomically,
-)  # fmt: skip
+from trainkit.checkpoint.rundir import holding_run_folder, read_json, write_atomically  # fmt: skip
 from trainkit.checkpoint.signals import GracefulStop, graceful_stop
 from trainkit.config.schema import LOOP_FIELDS, TrainConfig
 from trainkit.data.epochs import EpochBatches
 from trainkit.devices import resolve_device, run_device
 from trainkit.distributed import fsdp
-from trainkit.errors import (
-    ConfigError,
-)
+from trainkit.errors import ConfigError
 from trainkit.faults import crash_point
 from trainkit.loop.callbacks import Callback, EarlyStopping
 from trainkit.loop.lr import schedule_spec
@@ -59,9 +53,7 @@ from trainkit.recipes.components import (
     seeded_data_and_model,
     training_batches,
 )  # fmt: skip
-from trainkit.recipes.factories import (
-    factory_sources,
-)
+from trainkit.recipes.factories import factory_sources
 from trainkit.recipes.images import DatasetSplits
 from trainkit.recipes.outputs import (
     describe_test,
@@ -81,12 +73,7 @@ from trainkit.recipes.resume import (
 from trainkit.recipes.text.data import TextData
 from trainkit.recipes.tta import ShiftAveraged, require_images
 from trainkit.tasks.base import Task
-from trainkit.tracking.loggers import (
-    MLflowBackend,
-    RunLogger,
-    TensorBoardBackend,
-    check_loggers,
-)
+from trainkit.tracking.loggers import MLflowBackend, RunLogger, TensorBoardBackend, check_loggers
 from trainkit.tracking.runs import FAILURE_FILE
 
 log = logging.getLogger("trainkit")

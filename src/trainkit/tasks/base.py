@@ -36,12 +36,7 @@ from torch import Tensor, nn
 from trainkit.data.epochs import checked_rows
 from trainkit.data.runtime import batch_rows, map_tensors, tensors_in
 from trainkit.errors import ConfigError, DataError
-from trainkit.tasks.labels import (
-    LabelGuard,
-    LabelsSeen,
-    class_label_problem,
-    loss_ignore_index,
-)
+from trainkit.tasks.labels import LabelGuard, LabelsSeen, class_label_problem, loss_ignore_index
 from trainkit.tasks.metrics import MetricSet
 
 TARGET_KEYS = ("targets", "target", "labels", "label", "y")
