@@ -24,6 +24,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "errors", "exits", "choices", "faults", "devices", "precision",  # foundations
         "config", "config.*", "data", "data.*", "tasks", "tasks.*", "optim", "optim.*", "nn", "nn.*",
         "distributed", "distributed.*", "checkpoint", "checkpoint.*", "tracking", "tracking.*", "loop", "loop.*",
+        "doctor", "doctor.*",
     ),
     "recipes": ("recipes", "recipes.*"),
     "tools": ("tune", "tune.*", "experiments", "experiments.*", "profiling"),

@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(profiler)
     profiler.add_argument("--steps", type=int, default=20, help="optimizer steps to profile (default 20)")
     profiler.add_argument("--skip-steps", type=int, default=5, help="steps run before profiling starts (default 5)")
+    doctor = commands.add_parser("doctor", help="examine the job `trainkit train` would run: what would keep it "
+                                 "from training, with the evidence and the fix; exit 1 when something was found")
+    add_train_flags(doctor, resumable=False)
     finder = commands.add_parser("lr-find", help="LR range test: loss vs lr, suggestions, lr_find.json/.png")
     add_train_flags(finder)
     finder.add_argument("--start-lr", type=float, default=1e-7)
@@ -462,6 +465,18 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_doctor(args: argparse.Namespace) -> int:
+    """Exit 0: nothing of severity warning or error; 1: something was (as linters do); 2: a usage error."""
+    from trainkit.recipes.checkup import examine_job, write_report
+
+    config, _ = train_config_from_args(args)
+    report, about = examine_job(config)
+    print(report.format())
+    if config.out:
+        print(f"wrote {write_report(report, about, Path(config.out))}")
+    return 1 if report.problems() else 0
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from trainkit.checkpoint.file import require_checkpoint_file
     from trainkit.checkpoint.store import load_checkpoint, verify_checkpoint
@@ -513,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schedules": run_schedules,
         "compare": run_compare,
         "profile": run_profile,
+        "doctor": run_doctor,
         "runs": run_runs,
         "report": run_report,
         "tune": run_tune,
