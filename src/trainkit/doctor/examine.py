@@ -20,12 +20,11 @@ from trainkit.config.schema import TrainConfig
 from trainkit.data.runtime import batch_rows, tensors_in
 from trainkit.doctor.findings import Report
 from trainkit.loop.lr import schedule_spec
+from trainkit.nn.diagnostics import RELU_LIKE, WEIGHT_LAYERS, dead_fraction
 from trainkit.nn.layers import activation_name
 from trainkit.tasks.base import Task
 from trainkit.tasks.kinds import Classification, NextToken
 
-WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-RELU_LIKE = (nn.ReLU, nn.ReLU6)
 SQUASHING = (nn.Sigmoid, nn.Tanh)
 TRANSPARENT = (nn.Identity, nn.Flatten, nn.Unflatten)  # between two layers, they change no statistics
 RECURRENT = (nn.RNNBase,)
@@ -238,7 +237,7 @@ def check_activations(report: Report, layers: list[Layer]) -> None:
     for layer in activations:
         values = layer.output.detach().reshape(layer.output.shape[0], -1)
         if isinstance(layer.module, RELU_LIKE):
-            dead = float((values == 0).all(dim=0).double().mean())
+            dead = dead_fraction(layer.output)
             if not report.check(f"{layer.name}: live units", dead <= DEAD_FRACTION, dead_fraction=dead):
                 report.add("dead_units", "warning", layer.name, {"dead_fraction": dead},
                            f"{dead:.0%} of this ReLU's units output zero for every sample: they pass no gradient "

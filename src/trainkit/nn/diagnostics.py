@@ -149,7 +149,7 @@ def _layer_stats(index: int, name: str, module: nn.Module, output: Tensor) -> La
         activation_mean=float(values.mean()),
         activation_std=float(values.std(correction=0)),
         grad_norm=_weight_grad_norm(module),
-        dead_fraction=_dead_fraction(output) if isinstance(module, RELU_LIKE) else None,
+        dead_fraction=dead_fraction(output) if isinstance(module, RELU_LIKE) else None,
     )
 
 
@@ -160,7 +160,7 @@ def _weight_grad_norm(module: nn.Module) -> float | None:
     return float(weight.grad.double().norm())
 
 
-def _dead_fraction(output: Tensor) -> float:
+def dead_fraction(output: Tensor) -> float:
     """Share of units (features, or channel×position for conv maps) that are 0 for every sample."""
     per_unit = output.detach().reshape(output.shape[0], -1)
     return float((per_unit == 0).all(dim=0).double().mean())
